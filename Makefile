@@ -1,0 +1,21 @@
+# `make test` installs the project into .venv (first run only, or when pyproject.toml changes) and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) tests/benchmarks/embedder_throughput.py
