@@ -45,17 +45,22 @@ def fetch_backbone(config: MagicLensConfig, tag: str) -> Path:
         ) from err
 
 
+def _backbone_file(config: MagicLensConfig, backbone: str | PathLike) -> Path:
+    path = Path(backbone)
+    if path.is_file():
+        return path
+    if path.suffix in _WEIGHT_SUFFIXES or "/" in str(backbone):
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    return fetch_backbone(config, str(backbone))
+
+
 def create_model(config: MagicLensConfig | str | dict = "base",
                  backbone: str | PathLike | None = None) -> MagicLens:
     """A new MagicLens: fusion head randomly initialised, towers random, from an open_clip
     pretrained tag (e.g. `openai`) or from a local open_clip checkpoint file."""
-    model = MagicLens(resolve_config(config))
-    if backbone is None:
-        return model
-    path = Path(backbone)
-    if not path.is_file():
-        if path.suffix in _WEIGHT_SUFFIXES or "/" in str(backbone):
-            raise FileNotFoundError(f"backbone checkpoint not found: {path}")
-        path = fetch_backbone(model.config, str(backbone))
-    open_clip.load_checkpoint(model.clip, str(path), strict=True)
+    config = resolve_config(config)
+    path = None if backbone is None else _backbone_file(config, backbone)
+    model = MagicLens(config)
+    if path is not None:
+        open_clip.load_checkpoint(model.clip, str(path), strict=True)
     return model

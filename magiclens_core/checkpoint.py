@@ -66,7 +66,6 @@ def save_model(model: MagicLens, directory: str | PathLike, metadata: dict[str, 
     }
     _atomic_write(directory / CONFIG_FILE,
                   lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
-    model.model_id = document["model_id"]
     return directory
 
 
@@ -81,17 +80,20 @@ def read_model_info(directory: str | PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: {err}") from err
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a {FORMAT_NAME} config")
-    if document.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {document['format_version']}; "
+    version = document.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version!r}; "
                               f"this library reads up to {FORMAT_VERSION}")
+    if not isinstance(document.get("model_id"), str) or not document["model_id"]:
+        raise CheckpointError(f"{path} has no model_id")
     return document
 
 
 def _load_folder(directory: Path) -> MagicLens:
     info = read_model_info(directory)
     try:
-        config = MagicLensConfig.from_dict(info["config"])
-    except (KeyError, TypeError, ValueError) as err:
+        model = MagicLens(MagicLensConfig.from_dict(info["config"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {err}") from err
     try:
         state = load_file(directory / WEIGHTS_FILE)
@@ -99,7 +101,6 @@ def _load_folder(directory: Path) -> MagicLens:
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}") from err
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is corrupt or truncated: {err}") from err
-    model = MagicLens(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from magiclens_core.checkpoint import save_model
+from magiclens_core.checkpoint import read_model_info, save_model
 from magiclens_core.errors import CheckpointError
 from magiclens_core.official import load_official_checkpoint
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     save_model(model, args.out_dir, metadata={"converted_from": args.checkpoint.name,
                                               "official_model_id": model.model_id})
-    print(json.dumps({"model_id": model.model_id, "size": model.config.name,
+    print(json.dumps({"model_id": read_model_info(args.out_dir)["model_id"], "size": model.config.name,
                       "embed_dim": model.embed_dim, "out_dir": str(args.out_dir)}))
     return 0
 

@@ -85,51 +85,57 @@ def _count(arrays: dict[str, np.ndarray], pattern: str) -> int:
     return len({m.group(1) for key in arrays if (m := regex.match(key))})
 
 
-def _require(arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+def _require(arrays: dict[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
     if key not in arrays:
         raise CheckpointError(f"official checkpoint is missing array {key!r}")
+    if arrays[key].ndim != ndim:
+        raise CheckpointError(f"official checkpoint array {key!r} has shape {arrays[key].shape}, "
+                              f"expected {ndim} dimensions")
     return arrays[key]
 
 
 def infer_config(arrays: dict[str, np.ndarray]) -> MagicLensConfig:
     """The architecture implied by the array shapes; names it `base`/`large` when it is one of those."""
-    visual_q = _require(arrays, "clip/visual/transformer/resblocks_0/attn/query/kernel")
-    text_q = _require(arrays, "clip/text/transformer/resblocks_0/attn/query/kernel")
-    patch = _require(arrays, "clip/visual/conv1/kernel").shape[0]
-    grid = round((_require(arrays, "clip/visual/positional_embedding").shape[0] - 1) ** 0.5)
-    vision_width = _require(arrays, "clip/visual/class_embedding").shape[0]
-    text_width = _require(arrays, "clip/text/token_embedding/embedding").shape[1]
+    visual_q = _require(arrays, "clip/visual/transformer/resblocks_0/attn/query/kernel", 3)
+    text_q = _require(arrays, "clip/text/transformer/resblocks_0/attn/query/kernel", 3)
+    patch = _require(arrays, "clip/visual/conv1/kernel", 4).shape[0]
+    grid = round(max(_require(arrays, "clip/visual/positional_embedding", 2).shape[0] - 1, 0) ** 0.5)
+    vision_width = _require(arrays, "clip/visual/class_embedding", 1).shape[0]
+    text_width = _require(arrays, "clip/text/token_embedding/embedding", 2).shape[1]
     clip = ClipConfig(
-        embed_dim=_require(arrays, "clip/visual/proj/kernel").shape[1],
+        embed_dim=_require(arrays, "clip/visual/proj/kernel", 2).shape[1],
         image_size=patch * grid,
         vision_width=vision_width,
         vision_layers=_count(arrays, r"clip/visual/transformer/resblocks_(\d+)/"),
         vision_heads=visual_q.shape[1],
         vision_patch_size=patch,
-        vision_mlp_ratio=_require(arrays, "clip/visual/transformer/resblocks_0/mlp/c_fc/kernel").shape[1]
+        vision_mlp_ratio=_require(arrays, "clip/visual/transformer/resblocks_0/mlp/c_fc/kernel", 2).shape[1]
         / vision_width,
         text_width=text_width,
         text_layers=_count(arrays, r"clip/text/transformer/resblocks_(\d+)/"),
         text_heads=text_q.shape[1],
-        text_mlp_ratio=_require(arrays, "clip/text/transformer/resblocks_0/mlp/c_fc/kernel").shape[1]
+        text_mlp_ratio=_require(arrays, "clip/text/transformer/resblocks_0/mlp/c_fc/kernel", 2).shape[1]
         / text_width,
-        context_length=_require(arrays, "clip/text/positional_embedding").shape[0],
-        vocab_size=_require(arrays, "clip/text/token_embedding/embedding").shape[0],
+        context_length=_require(arrays, "clip/text/positional_embedding", 2).shape[0],
+        vocab_size=_require(arrays, "clip/text/token_embedding/embedding", 2).shape[0],
     )
-    fusion_q = _require(arrays, "multimodal_encoder/x_layers_0/self_attention/query/w")
-    pool_q = _require(arrays, "contrastive_multimodal_pooler/pool_attn/query/w")
-    query_tokens = _require(arrays, "contrastive_multimodal_pooler/pooling_attn_query")
+    fusion_q = _require(arrays, "multimodal_encoder/x_layers_0/self_attention/query/w", 3)
+    pool_q = _require(arrays, "contrastive_multimodal_pooler/pool_attn/query/w", 3)
+    query_tokens = _require(arrays, "contrastive_multimodal_pooler/pooling_attn_query", 2)
     head = HeadConfig(
         embed_dim=query_tokens.shape[1],
         num_layers=_count(arrays, r"multimodal_encoder/x_layers_(\d+)/"),
         num_heads=fusion_q.shape[1],
-        ff_dim=_require(arrays, "multimodal_encoder/x_layers_0/ff_layer/ffn_layer1/linear/w").shape[1],
+        ff_dim=_require(arrays, "multimodal_encoder/x_layers_0/ff_layer/ffn_layer1/linear/w", 2).shape[1],
         num_query_tokens=query_tokens.shape[0],
         pooler_width=pool_q.shape[1] * pool_q.shape[2],
     )
     if pool_q.shape[1] != fusion_q.shape[1]:
         raise CheckpointError("pooler and fusion encoder have different head counts; not a MagicLens layout")
-    config = MagicLensConfig(clip=clip, head=head)
+    try:
+        config = MagicLensConfig(clip=clip, head=head)
+    except (ValueError, ZeroDivisionError) as err:
+        raise CheckpointError(f"array shapes do not describe a valid MagicLens: {err}") from err
     for name, named in NAMED_CONFIGS.items():
         if (named.clip, named.head) == (clip, head):
             return named
@@ -219,6 +225,66 @@ def map_official_arrays(arrays: dict[str, np.ndarray], config: MagicLensConfig) 
     return sd
 
 
+def _official_shapes(config: MagicLensConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every official array for `config` (the flax layout `map_official_arrays` reads)."""
+    clip, head = config.clip, config.head
+    shapes: dict[str, tuple[int, ...]] = {"clip/logit_scale": ()}
+
+    def norm(prefix: str, width: int) -> None:
+        shapes[f"{prefix}/scale"] = shapes[f"{prefix}/bias"] = (width,)
+
+    def tower(name: str, width: int, layers: int, heads: int, mlp_ratio: float) -> None:
+        hidden = round(width * mlp_ratio)
+        for i in range(layers):
+            src = f"clip/{name}/transformer/resblocks_{i}"
+            for proj in ("query", "key", "value"):
+                shapes[f"{src}/attn/{proj}/kernel"] = (width, heads, width // heads)
+                shapes[f"{src}/attn/{proj}/bias"] = (heads, width // heads)
+            shapes[f"{src}/attn/out/kernel"] = (heads, width // heads, width)
+            shapes[f"{src}/attn/out/bias"] = (width,)
+            norm(f"{src}/ln_1", width)
+            norm(f"{src}/ln_2", width)
+            shapes.update({f"{src}/mlp/c_fc/kernel": (width, hidden), f"{src}/mlp/c_fc/bias": (hidden,),
+                           f"{src}/mlp/c_proj/kernel": (hidden, width), f"{src}/mlp/c_proj/bias": (width,)})
+
+    def attention(src: str, width: int) -> None:
+        for proj in ("query", "key", "value", "post"):
+            shapes[f"{src}/{proj}/w"] = (head.embed_dim, head.num_heads, width // head.num_heads)
+            shapes[f"{src}/{proj}/b"] = (head.num_heads, width // head.num_heads)
+        shapes[f"{src}/post/b"] = (head.embed_dim,)
+
+    width, patch = clip.vision_width, clip.vision_patch_size
+    shapes.update({
+        "clip/visual/class_embedding": (width,),
+        "clip/visual/positional_embedding": ((clip.image_size // patch) ** 2 + 1, width),
+        "clip/visual/proj/kernel": (width, clip.embed_dim),
+        "clip/visual/conv1/kernel": (patch, patch, 3, width),
+        "clip/text/token_embedding/embedding": (clip.vocab_size, clip.text_width),
+        "clip/text/positional_embedding": (clip.context_length, clip.text_width),
+        "clip/text/text_projection/kernel": (clip.text_width, clip.embed_dim),
+    })
+    norm("clip/visual/ln_pre", width)
+    norm("clip/visual/ln_post", width)
+    norm("clip/text/ln_final", clip.text_width)
+    tower("visual", width, clip.vision_layers, clip.vision_heads, clip.vision_mlp_ratio)
+    tower("text", clip.text_width, clip.text_layers, clip.text_heads, clip.text_mlp_ratio)
+    for i in range(head.num_layers):
+        src = f"multimodal_encoder/x_layers_{i}"
+        norm(f"{src}/layer_norm", head.embed_dim)
+        attention(f"{src}/self_attention", head.embed_dim)
+        norm(f"{src}/ff_layer/layer_norm", head.embed_dim)
+        shapes.update({f"{src}/ff_layer/ffn_layer1/linear/w": (head.embed_dim, head.ff_dim),
+                       f"{src}/ff_layer/ffn_layer1/bias/b": (head.ff_dim,),
+                       f"{src}/ff_layer/ffn_layer2/linear/w": (head.ff_dim, head.embed_dim),
+                       f"{src}/ff_layer/ffn_layer2/bias/b": (head.embed_dim,)})
+    pooler = "contrastive_multimodal_pooler"
+    shapes[f"{pooler}/pooling_attn_query"] = (head.num_query_tokens, head.embed_dim)
+    attention(f"{pooler}/pool_attn", head.pooler_width)
+    shapes[f"{pooler}/pool_attn/per_dim_scale/per_dim_scale"] = (head.pooler_width // head.num_heads,)
+    norm(f"{pooler}/pool_attn_ln", head.embed_dim)
+    return shapes
+
+
 def _expected_keys(config: MagicLensConfig) -> set[str]:
     """Every official key the mapping reads for `config` (found by running it on placeholders)."""
     reads: set[str] = set()
@@ -244,6 +310,10 @@ def load_official_checkpoint(path: str | PathLike) -> MagicLens:
     if missing or extra:
         raise CheckpointError(f"{path}: checkpoint does not match the inferred architecture: "
                               f"missing {missing[:10]}, unexpected {extra[:10]}")
+    misshaped = [f"{key!r} has shape {arrays[key].shape}, expected {shape}"
+                 for key, shape in _official_shapes(config).items() if key in arrays and arrays[key].shape != shape]
+    if misshaped:
+        raise CheckpointError(f"{path}: arrays do not match the inferred architecture: {'; '.join(misshaped[:10])}")
     state = map_official_arrays(arrays, config)
     model = MagicLens(config)
     expected = model.state_dict()
