@@ -95,10 +95,14 @@ def _load_folder(directory: Path) -> MagicLens:
         model = MagicLens(MagicLensConfig.from_dict(info["config"]))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {err}") from err
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    if "weights_sha256" in info and file_sha256(weights) != info["weights_sha256"]:
+        raise CheckpointError(f"{weights} is corrupt or truncated, or was replaced after saving: "
+                              f"its sha256 differs from the one in {CONFIG_FILE}")
     try:
-        state = load_file(directory / WEIGHTS_FILE)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}") from err
+        state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is corrupt or truncated: {err}") from err
     try:

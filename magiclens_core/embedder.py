@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from magiclens_core.checkpoint import load_model
+from magiclens_core.images import to_pixels
 from magiclens_core.model import MagicLens, normalized
 from magiclens_core.preprocess import PreprocessMode, prepare_pixels
-from magiclens_core.images import to_pixels
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from magiclens_core.checkpoint import file_sha256
-from magiclens_core.config import ClipConfig, HeadConfig, MagicLensConfig, NAMED_CONFIGS
+from magiclens_core.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
 from magiclens_core.errors import CheckpointError
 from magiclens_core.model import MagicLens
 
@@ -136,7 +136,7 @@ def infer_config(arrays: dict[str, np.ndarray]) -> MagicLensConfig:
         config = MagicLensConfig(clip=clip, head=head)
     except (ValueError, ZeroDivisionError) as err:
         raise CheckpointError(f"array shapes do not describe a valid MagicLens: {err}") from err
-    for name, named in NAMED_CONFIGS.items():
+    for named in NAMED_CONFIGS.values():
         if (named.clip, named.head) == (clip, head):
             return named
     return config
@@ -285,19 +285,6 @@ def _official_shapes(config: MagicLensConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _expected_keys(config: MagicLensConfig) -> set[str]:
-    """Every official key the mapping reads for `config` (found by running it on placeholders)."""
-    reads: set[str] = set()
-
-    class _Recorder(dict):
-        def __getitem__(self, key: str) -> np.ndarray:
-            reads.add(key)
-            return np.zeros((1, 1, 1, 1), dtype=np.float32)
-
-    map_official_arrays(_Recorder(), config)
-    return reads
-
-
 def load_official_checkpoint(path: str | PathLike) -> MagicLens:
     """A released `.pkl` as a `MagicLens` in eval mode, float32, with every array checked.
 
@@ -305,27 +292,17 @@ def load_official_checkpoint(path: str | PathLike) -> MagicLens:
     """
     arrays = read_official_arrays(path)
     config = infer_config(arrays)
-    missing = sorted(_expected_keys(config) - set(arrays))
-    extra = sorted(set(arrays) - _expected_keys(config))
+    shapes = _official_shapes(config)
+    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
     if missing or extra:
         raise CheckpointError(f"{path}: checkpoint does not match the inferred architecture: "
                               f"missing {missing[:10]}, unexpected {extra[:10]}")
     misshaped = [f"{key!r} has shape {arrays[key].shape}, expected {shape}"
-                 for key, shape in _official_shapes(config).items() if key in arrays and arrays[key].shape != shape]
+                 for key, shape in shapes.items() if arrays[key].shape != shape]
     if misshaped:
         raise CheckpointError(f"{path}: arrays do not match the inferred architecture: {'; '.join(misshaped[:10])}")
-    state = map_official_arrays(arrays, config)
     model = MagicLens(config)
-    expected = model.state_dict()
-    for key, value in state.items():
-        if key not in expected:
-            raise CheckpointError(f"mapping produced unknown parameter {key!r}")
-        if tuple(expected[key].shape) != value.shape:
-            raise CheckpointError(f"array for {key!r} has shape {value.shape}, "
-                                  f"model expects {tuple(expected[key].shape)}")
-    unset = sorted(set(expected) - set(state))
-    if unset:
-        raise CheckpointError(f"official checkpoint leaves parameters unset: {unset[:10]}")
-    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()})
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in map_official_arrays(arrays, config).items()}
+    model.load_state_dict(state, strict=True)  # the checks above make a mismatch here a mapping bug
     model.model_id = f"magiclens-official-{file_sha256(Path(path))[:12]}"
     return model.eval()

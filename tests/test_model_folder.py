@@ -1,0 +1,317 @@
+"""The project's model folder (`save_model`/`load_model`) and the `magiclens_core.convert` CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from official_format import FIXTURE_PKL, fixture_inputs, write_official
+
+from magiclens_core.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+    load_model,
+    read_model_info,
+    save_model,
+)
+from magiclens_core.config import MagicLensConfig
+from magiclens_core.errors import CheckpointError
+from magiclens_core.official import load_official_checkpoint, read_official_arrays
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return fixture_inputs()
+
+
+@pytest.fixture(scope="module")
+def reference_embed(inputs) -> torch.Tensor:
+    """Embeddings of the fixture inputs by the official tiny checkpoint."""
+    with torch.no_grad():
+        return load_official_checkpoint(FIXTURE_PKL).embed(*inputs)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """The tiny checkpoint saved once as a model folder (copy it before damaging it)."""
+    return save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path_factory.mktemp("saved") / "tiny",
+                      metadata={"note": "tiny fixture"})
+
+
+@pytest.fixture
+def damaged(tmp_path, saved) -> Path:
+    """A private copy of the saved folder, free to break."""
+    return Path(shutil.copytree(saved, tmp_path / "copy"))
+
+
+def edit_config(folder: Path, edit) -> None:
+    path = folder / CONFIG_FILE
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+def embed(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.embed(*inputs)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_is_bit_identical(saved, inputs, reference_embed):
+    model = load_model(saved)
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(embed(model, inputs), reference_embed)
+    official = load_official_checkpoint(FIXTURE_PKL).state_dict()
+    loaded = model.state_dict()
+    assert loaded.keys() == official.keys()
+    assert all(torch.equal(loaded[k], official[k]) for k in official)
+
+
+def test_round_trip_keeps_the_model_id(tmp_path):
+    model = load_official_checkpoint(FIXTURE_PKL)
+    saved_id = read_model_info(save_model(model, tmp_path / "m"))["model_id"]
+    assert saved_id.startswith(f"magiclens-{model.config.name}-")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.model_id == saved_id
+    # saving the loaded model again names the same weights the same way
+    assert read_model_info(save_model(loaded, tmp_path / "again"))["model_id"] == saved_id
+
+
+def test_model_id_depends_on_the_weights_only(tmp_path):
+    first = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "a", metadata={"run": 1})
+    second = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "b", metadata={"run": 2})
+    assert read_model_info(first)["model_id"] == read_model_info(second)["model_id"]
+
+
+def test_model_id_changes_when_weights_change(tmp_path, saved):
+    model = load_model(saved)
+    with torch.no_grad():
+        model.head.pooler.query.add_(1e-3)
+    save_model(model, tmp_path / "changed")
+    changed, original = read_model_info(tmp_path / "changed"), read_model_info(saved)
+    assert changed["model_id"] != original["model_id"]
+    assert changed["weights_sha256"] != original["weights_sha256"]
+    assert load_model(tmp_path / "changed").model_id == changed["model_id"]
+
+
+def test_config_json_describes_the_model(saved):
+    model = load_official_checkpoint(FIXTURE_PKL)
+    document = json.loads((saved / CONFIG_FILE).read_text())
+    assert document["format"] == "magiclens-torch"
+    assert document["format_version"] == 1
+    assert document["config"] == model.config.to_dict()
+    assert MagicLensConfig.from_dict(document["config"]) == model.config
+    assert document["config"]["head"]["num_layers"] == 2
+    assert document["weights_sha256"] == file_sha256(saved / WEIGHTS_FILE)
+    assert document["model_id"].endswith(document["weights_sha256"][:12])
+    assert document["metadata"] == {"note": "tiny fixture"}
+
+
+def test_folder_holds_only_the_two_files(saved):
+    assert sorted(p.name for p in saved.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+
+
+def test_saving_over_an_existing_folder(tmp_path, saved, inputs, reference_embed):
+    target = Path(shutil.copytree(saved, tmp_path / "again"))
+    save_model(load_model(saved), target)
+    assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert torch.equal(embed(load_model(target), inputs), reference_embed)
+
+
+def test_load_model_accepts_the_official_pkl(inputs, reference_embed):
+    model = load_model(FIXTURE_PKL)
+    assert model.model_id.startswith("magiclens-official-")
+    assert torch.equal(embed(model, inputs), reference_embed)
+
+
+# --------------------------------------------------------------------------- refused folders
+
+
+@pytest.mark.parametrize("keep", [0, 4, 100, "half", "all but one"])
+def test_truncated_weights(damaged, keep):
+    weights = damaged / WEIGHTS_FILE
+    data = weights.read_bytes()
+    cut = {"half": len(data) // 2, "all but one": len(data) - 1}.get(keep, keep)
+    weights.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
+        load_model(damaged)
+    assert WEIGHTS_FILE in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"format": "magiclens-torch",', "\udcff"])
+def test_corrupt_config_json(damaged, text):
+    (damaged / CONFIG_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        load_model(damaged)
+    assert CONFIG_FILE in str(info.value)
+
+
+@pytest.mark.parametrize("document", [[], "magiclens", {"format": "something-else"}])
+def test_config_json_of_another_format(damaged, document):
+    (damaged / CONFIG_FILE).write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="is not a magiclens-torch config"):
+        load_model(damaged)
+
+
+@pytest.mark.parametrize("version", [2, "1", None])
+def test_unreadable_format_version(damaged, version):
+    edit_config(damaged, lambda d: d.update(format_version=version))
+    with pytest.raises(CheckpointError, match="format version"):
+        load_model(damaged)
+
+
+def test_config_json_without_model_id(damaged):
+    edit_config(damaged, lambda d: d.pop("model_id"))
+    with pytest.raises(CheckpointError, match="no model_id"):
+        load_model(damaged)
+
+
+def test_weights_replaced_after_saving(damaged, tmp_path):
+    """Other weights of the same shapes under the old config.json would carry a false model_id."""
+    other = load_official_checkpoint(FIXTURE_PKL)
+    with torch.no_grad():
+        other.head.pooler.query.add_(0.5)
+    save_model(other, tmp_path / "other")
+    shutil.copy(tmp_path / "other" / WEIGHTS_FILE, damaged / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="was replaced after saving"):
+        load_model(damaged)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [("head", "num_layers", 1), ("head", "num_layers", 3), ("clip", "vision_width", 64), ("head", "ff_dim", 128)],
+)
+def test_config_that_does_not_match_the_weights(damaged, section, field, value):
+    edit_config(damaged, lambda d: d["config"][section].update({field: value}))
+    with pytest.raises(CheckpointError, match="does not match its config") as info:
+        load_model(damaged)
+    assert WEIGHTS_FILE in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["head"].update(num_heads=0),
+        lambda c: c["clip"].update(vision_heads=3),
+        lambda c: c["clip"].update(vision_patch_size="32"),
+        lambda c: c["clip"].update(unknown_field=1),
+        lambda c: c.update(extra={}),
+        lambda c: c.update(head=None),
+    ],
+    ids=["zero-heads", "indivisible-heads", "string-patch", "unknown-clip-field", "unknown-key", "null-head"],
+)
+def test_invalid_config(damaged, edit):
+    edit_config(damaged, lambda d: edit(d["config"]))
+    with pytest.raises(CheckpointError, match="invalid model config") as info:
+        load_model(damaged)
+    assert CONFIG_FILE in str(info.value)
+
+
+@pytest.mark.parametrize("config", [None, "base", 5])
+def test_config_that_is_not_a_dict(damaged, config):
+    edit_config(damaged, lambda d: d.update(config=config))
+    with pytest.raises(CheckpointError, match="invalid model config"):
+        load_model(damaged)
+
+
+def test_missing_weights(damaged):
+    (damaged / WEIGHTS_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"has no {WEIGHTS_FILE}"):
+        load_model(damaged)
+
+
+def test_folder_without_config_json(damaged):
+    (damaged / CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"is not a model folder: no {CONFIG_FILE}"):
+        load_model(damaged)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a model folder"):
+        load_model(tmp_path)
+
+
+def test_non_existent_path(tmp_path):
+    path = tmp_path / "nothing-here"
+    with pytest.raises(CheckpointError, match="model not found") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_non_existent_pkl(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model(tmp_path / "nothing-here.pkl")
+
+
+@pytest.mark.parametrize("name", ["model.bin", WEIGHTS_FILE, CONFIG_FILE])
+def test_file_that_is_neither_folder_nor_pkl(tmp_path, saved, name):
+    path = tmp_path / name
+    path.write_bytes((saved / WEIGHTS_FILE).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="expected a model folder"):
+        load_model(path)
+
+
+# --------------------------------------------------------------------------- the convert CLI
+
+
+def convert(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "magiclens_core.convert", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+def test_cli_converts_the_official_checkpoint(tmp_path, inputs, reference_embed):
+    out_dir = tmp_path / "converted"
+    result = convert(FIXTURE_PKL, out_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["out_dir"] == str(out_dir)
+    assert report["embed_dim"] == 64
+    model = load_model(out_dir)
+    assert model.model_id == report["model_id"] == read_model_info(out_dir)["model_id"]
+    assert torch.equal(embed(model, inputs), reference_embed)
+    metadata = read_model_info(out_dir)["metadata"]
+    assert metadata["converted_from"] == FIXTURE_PKL.name
+    assert metadata["official_model_id"] == load_official_checkpoint(FIXTURE_PKL).model_id
+
+
+def cli_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return result.stderr
+
+
+def test_cli_refuses_a_corrupt_checkpoint(tmp_path):
+    data = FIXTURE_PKL.read_bytes()
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(data[: len(data) // 2])
+    stderr = cli_error(convert(corrupt, tmp_path / "out"))
+    assert str(corrupt) in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_inconsistent_checkpoint(tmp_path):
+    arrays = read_official_arrays(FIXTURE_PKL)
+    arrays["clip/visual/class_embedding"] = np.zeros(127, np.float32)  # not divisible by the 2 heads
+    cli_error(convert(write_official(tmp_path / "odd.pkl", arrays), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_missing_checkpoint(tmp_path):
+    stderr = cli_error(convert(tmp_path / "missing.pkl", tmp_path / "out"))
+    assert "checkpoint not found" in stderr
