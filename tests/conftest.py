@@ -43,3 +43,16 @@ def tiny_model(official_tiny):
     from magiclens_core import load_official_checkpoint
 
     return load_official_checkpoint(official_tiny["pkl"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray instance for the whole session (more logical CPUs than this machine's 2 cores,
+    so actor pools cannot starve the read stage). Jobs run in-process reuse it via `jobs.common.init_ray`."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield ray
+    ray.shutdown()

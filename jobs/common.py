@@ -1,0 +1,117 @@
+"""What every job does: typed configuration from a file and flags, connecting to Ray, the JSON summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+
+def _field_type(field: dataclasses.Field, hints: dict[str, Any]) -> tuple[type, bool]:
+    """The scalar type argparse should parse for a dataclass field, and whether it is a list."""
+    hint = hints[field.name]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        return typing.get_args(hint)[0], True
+    if origin is typing.Literal:
+        return type(typing.get_args(hint)[0]), False
+    return hint, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML or JSON mapping of option names (dashes or underscores) to values."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: config file {path} must hold a mapping of options")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_config(config_type: type[ConfigT], argv: list[str] | None = None,
+                 description: str | None = None, prog: str | None = None) -> ConfigT:
+    """Build a job's dataclass config from `--config FILE` (YAML/JSON) overridden by flags.
+
+    Every dataclass field becomes a `--field-name` flag; fields without a default are required
+    (from the file or a flag). The field's `metadata["help"]` is its help text.
+    """
+    hints = typing.get_type_hints(config_type)
+    fields = dataclasses.fields(config_type)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    for field in fields:
+        scalar, is_list = _field_type(field, hints)
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
+                                  "help": field.metadata.get("help", "")}
+        if scalar is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs["type"] = scalar
+        if is_list:
+            kwargs["nargs"] = "+"
+        choices = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is typing.Literal else None
+        if choices:
+            kwargs["choices"] = choices
+        if field.default is not dataclasses.MISSING:
+            kwargs["help"] += f" (default: {field.default})"
+        parser.add_argument(f"--{field.name.replace('_', '-')}", **kwargs)
+    args = vars(parser.parse_args(argv))
+    values = read_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    known = {field.name for field in fields}
+    unknown = set(values) - known
+    if unknown:
+        parser.error(f"unknown options in config file: {sorted(unknown)}")
+    values.update(args)
+    missing = [f"--{f.name.replace('_', '-')}" for f in fields
+               if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        parser.error(f"missing required options: {' '.join(missing)}")
+    try:
+        return config_type(**values)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the running cluster (`RAY_ADDRESS`, or inside `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the job's result as one JSON line, always the last line of its output."""
+    sys.stdout.flush()
+    print(json.dumps(summary, default=str), flush=True)
