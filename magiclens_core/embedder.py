@@ -17,7 +17,7 @@ from PIL import Image
 
 from magiclens_core.checkpoint import load_model
 from magiclens_core.images import to_pixels
-from magiclens_core.model import MagicLens, normalized
+from magiclens_core.model import MagicLens, l2_normalize
 from magiclens_core.preprocess import PreprocessMode, prepare_pixels
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
@@ -70,7 +70,8 @@ class Embedder:
     def model_id(self) -> str | None:
         return self.model.model_id
 
-    def _autocast(self) -> AbstractContextManager:
+    def autocast(self) -> AbstractContextManager:
+        """The context the model runs under: autocast to bf16/fp16, or nothing for fp32."""
         if self.precision == "fp32":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
@@ -102,7 +103,7 @@ class Embedder:
         out = []
         for part in self._batches(len(images)):
             pixels = self.pixels(images[part]).to(self.device)
-            with self._autocast():
+            with self.autocast():
                 image_embed = self.model.encode_image(pixels)
                 text_embed = self.model.encode_text(token_ids[part].to(self.device))
                 out.append(self.model.fuse(image_embed, text_embed).cpu())
@@ -114,7 +115,7 @@ class Embedder:
         out = []
         for part in self._batches(len(images)):
             pixels = self.pixels(images[part]).to(self.device)
-            with self._autocast():
+            with self.autocast():
                 image_embed = self.model.encode_image(pixels)
                 text_embed = self._empty_text_embed().expand(image_embed.shape[0], -1)
                 out.append(self.model.fuse(image_embed, text_embed).cpu())
@@ -125,8 +126,8 @@ class Embedder:
         """The CLIP backbone's image embeddings, L2-normalised, float32 [N, D]."""
         out = []
         for part in self._batches(len(images)):
-            with self._autocast():
-                out.append(normalized(self.model.encode_image(self.pixels(images[part]).to(self.device))).cpu())
+            with self.autocast():
+                out.append(l2_normalize(self.model.encode_image(self.pixels(images[part]).to(self.device))).cpu())
         return self._to_numpy(out)
 
     @torch.inference_mode()
@@ -135,8 +136,8 @@ class Embedder:
         token_ids = self.model.tokenize(list(texts), truncate=truncate)
         out = []
         for part in self._batches(len(texts)):
-            with self._autocast():
-                out.append(normalized(self.model.encode_text(token_ids[part].to(self.device))).cpu())
+            with self.autocast():
+                out.append(l2_normalize(self.model.encode_text(token_ids[part].to(self.device))).cpu())
         return self._to_numpy(out)
 
     def _to_numpy(self, parts: list[torch.Tensor]) -> np.ndarray:

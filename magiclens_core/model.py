@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
@@ -117,8 +116,3 @@ class MagicLens(nn.Module):
     def clip_embed(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's own (unnormalised) image and text embeddings."""
         return self.encode_image(pixels), self.encode_text(token_ids)
-
-
-def normalized(embed: torch.Tensor) -> torch.Tensor:
-    """Unit-norm rows, float32 (for CLIP embeddings used in cosine search)."""
-    return F.normalize(embed.float(), dim=-1)

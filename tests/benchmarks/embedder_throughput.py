@@ -6,8 +6,9 @@ Every side gets the same [B,3,224,224] pixels in [0,1]. "bare_image" is open_cli
 the normalised pixels; "bare_image_text" adds open_clip's `encode_text` of the instruction (the whole
 backbone a query needs). "targets" and "queries" are `Embedder.embed_targets` / `embed_queries`
 (preprocessing, the towers, the fusion head, the copy back to numpy). The ratios compare like with like:
-targets / bare_image and queries / bare_image_text (goal: under 1.05). Rounds interleave the three so machine noise hits all alike; medians are reported.
-Runs on CUDA with bf16 autocast when a GPU is present, else float32 on CPU. Weights are random
+targets / bare_image and queries / bare_image_text (goal: under 1.05). Rounds interleave the four so
+machine noise hits all alike; medians are reported. Runs on CUDA with bf16 autocast when a GPU is
+present, else float32 on CPU. Weights are random
 (the speed does not depend on them), so nothing is downloaded.
 """
 
@@ -46,12 +47,12 @@ def measure(embedder: Embedder, batch: int, rounds: int, iters: int) -> dict:
 
     @torch.inference_mode()
     def bare_image() -> None:
-        with embedder._autocast():
+        with embedder.autocast():
             clip.encode_image(normalize(pixels.to(device))).float().cpu()
 
     @torch.inference_mode()
     def bare_image_text() -> None:
-        with embedder._autocast():
+        with embedder.autocast():
             clip.encode_image(normalize(pixels.to(device))).float().cpu()
             clip.encode_text(token_ids.to(device)).float().cpu()
 
