@@ -105,21 +105,35 @@ class Embedder:
             pixels = self.pixels(images[part]).to(self.device)
             with self.autocast():
                 image_embed = self.model.encode_image(pixels)
-                text_embed = self.model.encode_text(token_ids[part].to(self.device))
-                out.append(self.model.fuse(image_embed, text_embed).cpu())
+                text_embed = self.model.encode_text(token_ids[part])
+                out.append(self.model.fuse(image_embed, text_embed))
         return self._to_numpy(out)
 
-    @torch.inference_mode()
-    def embed_targets(self, images: Sequence[ImageInput] | torch.Tensor) -> np.ndarray:
-        """MagicLens target embeddings (image with the empty instruction), float32 [N, D]."""
-        out = []
+    def _target_batches(self, images: Sequence[ImageInput] | torch.Tensor
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: the CLIP image embeddings and the fused target embeddings (on the device)."""
         for part in self._batches(len(images)):
             pixels = self.pixels(images[part]).to(self.device)
             with self.autocast():
                 image_embed = self.model.encode_image(pixels)
                 text_embed = self._empty_text_embed().expand(image_embed.shape[0], -1)
-                out.append(self.model.fuse(image_embed, text_embed).cpu())
-        return self._to_numpy(out)
+                fused = self.model.fuse(image_embed, text_embed)
+            yield image_embed, fused
+
+    @torch.inference_mode()
+    def embed_targets(self, images: Sequence[ImageInput] | torch.Tensor) -> np.ndarray:
+        """MagicLens target embeddings (image with the empty instruction), float32 [N, D]."""
+        return self._to_numpy([fused.cpu() for _, fused in self._target_batches(images)])
+
+    @torch.inference_mode()
+    def embed_targets_and_clip(self, images: Sequence[ImageInput] | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Target embeddings and the CLIP image embeddings (L2-normalised) of the same images, from one pass
+        of the image tower: float32 [N, D] each."""
+        targets, clips = [], []
+        for image_embed, fused in self._target_batches(images):
+            targets.append(fused.cpu())
+            clips.append(l2_normalize(image_embed).cpu())
+        return self._to_numpy(targets), self._to_numpy(clips)
 
     @torch.inference_mode()
     def embed_clip_images(self, images: Sequence[ImageInput] | torch.Tensor) -> np.ndarray:
@@ -143,4 +157,4 @@ class Embedder:
     def _to_numpy(self, parts: list[torch.Tensor]) -> np.ndarray:
         if not parts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return torch.cat(parts).float().numpy()
+        return torch.cat(parts).float().cpu().numpy()  # one copy back per call, not one per batch

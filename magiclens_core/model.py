@@ -84,12 +84,12 @@ class MagicLens(nn.Module):
         """CLIP text embeddings [B,D], unnormalised, with the official mask (causal AND key id > 0).
 
         The sequence is cut after the longest text's end token: with a causal mask, later positions
-        cannot change the result, so this is exact and spares most of the 77 positions.
+        cannot change the result, so this is exact and spares most of the 77 positions. Ids on the
+        CPU (as the tokenizer makes them) are measured there, so a GPU is never waited on.
         """
-        token_ids = token_ids.to(self.clip.token_embedding.weight.device)
-        eot_positions = token_ids.argmax(dim=-1)
-        length = int(eot_positions.max()) + 1
-        ids = token_ids[:, :length]
+        length = int(token_ids.argmax(dim=-1).max()) + 1
+        ids = token_ids[:, :length].to(self.clip.token_embedding.weight.device, non_blocking=True)
+        eot_positions = ids.argmax(dim=-1)
         x = self.clip.token_embedding(ids) + self.clip.positional_embedding[:length]
         allowed = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
         allowed = allowed.unsqueeze(0) & (ids > 0).unsqueeze(1)  # [B, query, key]

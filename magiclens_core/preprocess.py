@@ -5,6 +5,7 @@ Inputs are float tensors [B,3,H,W] (or [3,H,W]) with values in [0,1].
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -61,8 +62,15 @@ def prepare_pixels(pixels: torch.Tensor, size: int, mode: PreprocessMode = "mode
     raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {PREPROCESS_MODES}")
 
 
+@lru_cache(maxsize=16)
+def _clip_statistics(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [3,1,1] tensors, made once per device (a copy to a GPU would synchronise)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype).view(3, 1, 1).to(device)
+    std = torch.tensor(CLIP_STD, dtype=dtype).view(3, 1, 1).to(device)
+    return mean, std
+
+
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """CLIP mean/std normalisation of [0,1] pixels."""
-    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    mean, std = _clip_statistics(pixels.device, pixels.dtype)
     return (pixels - mean) / std
