@@ -38,6 +38,19 @@ def official_tiny() -> dict:
 
 
 @pytest.fixture(scope="session")
+def official_inputs(official_tiny) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixture's pixels [B,3,H,W] in [0,1) and token ids [B,77]."""
+    return official_tiny["pixels"], official_tiny["ids"]
+
+
+@pytest.fixture(scope="session")
+def official_reference_embed(official_inputs, tiny_model) -> torch.Tensor:
+    """Embeddings of the fixture inputs by the official tiny checkpoint loaded in this library."""
+    with torch.no_grad():
+        return tiny_model.embed(*official_inputs)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(official_tiny):
     """The official tiny checkpoint loaded once per session (do not mutate)."""
     from magiclens_core import load_official_checkpoint

@@ -12,19 +12,11 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import torch
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "official_tiny"
 FIXTURE_PKL = FIXTURE_DIR / "params_tiny.pkl"
 
 _EXT_NDARRAY = 1
-
-
-def fixture_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixture's pixels as [B,3,H,W] float32 in [0,1) and its token ids as [B,77] long."""
-    pixels = torch.from_numpy(np.load(FIXTURE_DIR / "image.npy")).permute(0, 3, 1, 2)
-    ids = torch.from_numpy(np.load(FIXTURE_DIR / "ids.npy")).long()
-    return pixels, ids
 
 
 def _pack_array(array: np.ndarray) -> msgpack.ExtType:

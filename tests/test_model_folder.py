@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from official_format import FIXTURE_PKL, fixture_inputs, write_official
+from official_format import FIXTURE_PKL, write_official
 
 from magiclens_core.checkpoint import (
     CONFIG_FILE,
@@ -26,18 +26,6 @@ from magiclens_core.errors import CheckpointError
 from magiclens_core.official import load_official_checkpoint, read_official_arrays
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    return fixture_inputs()
-
-
-@pytest.fixture(scope="module")
-def reference_embed(inputs) -> torch.Tensor:
-    """Embeddings of the fixture inputs by the official tiny checkpoint."""
-    with torch.no_grad():
-        return load_official_checkpoint(FIXTURE_PKL).embed(*inputs)
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +48,19 @@ def edit_config(folder: Path, edit) -> None:
     path.write_text(json.dumps(document))
 
 
-def embed(model, inputs) -> torch.Tensor:
+def embed(model, official_inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model.embed(*inputs)
+        return model.embed(*official_inputs)
 
 
 # --------------------------------------------------------------------------- round trip
 
 
-def test_round_trip_is_bit_identical(saved, inputs, reference_embed):
+def test_round_trip_is_bit_identical(saved, official_inputs, official_reference_embed):
     model = load_model(saved)
     assert not model.training
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert torch.equal(embed(model, inputs), reference_embed)
+    assert torch.equal(embed(model, official_inputs), official_reference_embed)
     official = load_official_checkpoint(FIXTURE_PKL).state_dict()
     loaded = model.state_dict()
     assert loaded.keys() == official.keys()
@@ -123,17 +111,17 @@ def test_folder_holds_only_the_two_files(saved):
     assert sorted(p.name for p in saved.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
 
 
-def test_saving_over_an_existing_folder(tmp_path, saved, inputs, reference_embed):
+def test_saving_over_an_existing_folder(tmp_path, saved, official_inputs, official_reference_embed):
     target = Path(shutil.copytree(saved, tmp_path / "again"))
     save_model(load_model(saved), target)
     assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
-    assert torch.equal(embed(load_model(target), inputs), reference_embed)
+    assert torch.equal(embed(load_model(target), official_inputs), official_reference_embed)
 
 
-def test_load_model_accepts_the_official_pkl(inputs, reference_embed):
+def test_load_model_accepts_the_official_pkl(official_inputs, official_reference_embed):
     model = load_model(FIXTURE_PKL)
     assert model.model_id.startswith("magiclens-official-")
-    assert torch.equal(embed(model, inputs), reference_embed)
+    assert torch.equal(embed(model, official_inputs), official_reference_embed)
 
 
 # --------------------------------------------------------------------------- refused folders
@@ -271,7 +259,7 @@ def convert(*args: str | Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
-def test_cli_converts_the_official_checkpoint(tmp_path, inputs, reference_embed):
+def test_cli_converts_the_official_checkpoint(tmp_path, official_inputs, official_reference_embed):
     out_dir = tmp_path / "converted"
     result = convert(FIXTURE_PKL, out_dir)
     assert result.returncode == 0, result.stderr
@@ -282,7 +270,7 @@ def test_cli_converts_the_official_checkpoint(tmp_path, inputs, reference_embed)
     assert report["embed_dim"] == 64
     model = load_model(out_dir)
     assert model.model_id == report["model_id"] == read_model_info(out_dir)["model_id"]
-    assert torch.equal(embed(model, inputs), reference_embed)
+    assert torch.equal(embed(model, official_inputs), official_reference_embed)
     metadata = read_model_info(out_dir)["metadata"]
     assert metadata["converted_from"] == FIXTURE_PKL.name
     assert metadata["official_model_id"] == load_official_checkpoint(FIXTURE_PKL).model_id

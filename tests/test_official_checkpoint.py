@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from official_format import FIXTURE_DIR, FIXTURE_PKL, fixture_inputs, official_bytes, write_official
+from official_format import FIXTURE_DIR, FIXTURE_PKL, official_bytes, write_official
 
 from magiclens_core.config import NAMED_CONFIGS
 from magiclens_core.errors import CheckpointError
@@ -34,17 +34,6 @@ def arrays() -> dict[str, np.ndarray]:
     return read_official_arrays(FIXTURE_PKL)
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    return fixture_inputs()
-
-
-@pytest.fixture(scope="module")
-def reference_embed(inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return load_official_checkpoint(FIXTURE_PKL).embed(*inputs)
-
-
 def without(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     dropped = {k: v for k, v in arrays.items() if not k.startswith(prefix)}
     assert len(dropped) < len(arrays), f"no key starts with {prefix!r}"
@@ -63,7 +52,7 @@ def test_writer_reproduces_fixture_bytes(arrays):
     assert official_bytes(arrays) == FIXTURE_PKL.read_bytes()
 
 
-def test_written_checkpoint_round_trips(tmp_path, arrays, inputs, reference_embed):
+def test_written_checkpoint_round_trips(tmp_path, arrays, official_inputs, official_reference_embed):
     path = write_official(tmp_path / "copy.pkl", arrays)
     again = read_official_arrays(path)
     assert list(again) == list(arrays)
@@ -73,15 +62,15 @@ def test_written_checkpoint_round_trips(tmp_path, arrays, inputs, reference_embe
     assert again["clip/logit_scale"].shape == ()
     model = load_official_checkpoint(path)
     with torch.no_grad():
-        assert torch.equal(model.embed(*inputs), reference_embed)
+        assert torch.equal(model.embed(*official_inputs), official_reference_embed)
 
 
-def test_float16_checkpoint_loads_as_float32(tmp_path, arrays, inputs, reference_embed):
+def test_float16_checkpoint_loads_as_float32(tmp_path, arrays, official_inputs, official_reference_embed):
     half = {k: v.astype(np.float16) for k, v in arrays.items()}
     model = load_official_checkpoint(write_official(tmp_path / "half.pkl", half))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
-        np.testing.assert_allclose(model.embed(*inputs).numpy(), reference_embed.numpy(), atol=2e-2)
+        np.testing.assert_allclose(model.embed(*official_inputs).numpy(), official_reference_embed.numpy(), atol=2e-2)
 
 
 # --------------------------------------------------------------------------- architecture inference
@@ -121,7 +110,7 @@ def test_fixture_config_matches_manifest(arrays):
         ("clip/text/transformer/resblocks_1/", "clip", "text_layers"),
     ],
 )
-def test_dropping_the_last_layer_loads_a_shallower_model(tmp_path, arrays, inputs, prefix, section, field):
+def test_dropping_the_last_layer_loads_a_shallower_model(tmp_path, arrays, official_inputs, prefix, section, field):
     model = load_official_checkpoint(write_official(tmp_path / "shallow.pkl", without(arrays, prefix)))
     assert getattr(getattr(model.config, section), field) == 1
     full = infer_config(arrays)
@@ -129,11 +118,11 @@ def test_dropping_the_last_layer_loads_a_shallower_model(tmp_path, arrays, input
     # nothing else about the architecture changes
     assert model.config == replace(full, **{section: replace(getattr(full, section), **{field: 1})})
     with torch.no_grad():
-        embed = model.embed(*inputs)
+        embed = model.embed(*official_inputs)
     assert embed.shape == (2, 64) and torch.isfinite(embed).all()
 
 
-def test_narrower_feed_forward_is_inferred(tmp_path, arrays, inputs):
+def test_narrower_feed_forward_is_inferred(tmp_path, arrays, official_inputs):
     narrow = dict(arrays)
     for i in range(2):
         ff = f"multimodal_encoder/x_layers_{i}/ff_layer"
@@ -144,7 +133,7 @@ def test_narrower_feed_forward_is_inferred(tmp_path, arrays, inputs):
     assert model.config.head.ff_dim == 96
     assert model.head.layers[0].ff_in.weight.shape == (96, 64)
     with torch.no_grad():
-        assert torch.isfinite(model.embed(*inputs)).all()
+        assert torch.isfinite(model.embed(*official_inputs)).all()
 
 
 @pytest.mark.parametrize("name", ["base", "large", "tiny"])
