@@ -9,6 +9,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,3 +116,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print the job's result as one JSON line, always the last line of its output."""
     sys.stdout.flush()
     print(json.dumps(summary, default=str), flush=True)
+
+
+def run_job(config_type: type[ConfigT], run: Callable[[ConfigT], dict[str, Any]], argv: list[str] | None,
+            description: str | None, prog: str) -> dict[str, Any]:
+    """A job's `main`: its config from `argv` (see `parse_config`), Ray connected, `run(config)`, the summary
+    printed as the last line and returned."""
+    config = parse_config(config_type, argv, description=description, prog=prog)
+    init_ray()
+    summary = run(config)
+    print_summary(summary)
+    return summary
