@@ -1,0 +1,205 @@
+"""Batch retrieval without the server: embed (image, instruction) queries with Ray Data, search the table.
+
+    python -m jobs.retrieve --queries Q.parquet --model MODEL --db URI --table NAME --out R.parquet --k 50
+
+`--queries` is a Parquet (or Lance) dataset with one row per query: the query image as `image` bytes or a
+`uri`, an `instruction`, and optionally a `query_id` column (else the id is a hash of the image's uri or
+bytes and the instruction). Queries go through the same stages as indexing (`jobs.embedding`: read, decode,
+`Embedder` actors) and are searched by a pool of actors with the table's tuned parameters, as the server
+does, so both return the same ids for the same query.
+
+`--out` is a Parquet dataset (a folder of part files, read whole with `pyarrow.parquet.read_table(OUT)`) of
+`query_id`, `uri`, `instruction`, `ids` (best first) and `scores` (cosine similarity). Resumable: each part
+is written whole, and a rerun skips the query ids already in `--out`. Queries that cannot be used (image
+unreadable or not an image, instruction over 77 tokens) are listed with their reason in
+`OUT/_rejects.parquet` (rewritten by every run). The last line printed is a JSON summary.
+"""
+
+import hashlib
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from jobs.common import init_ray, parse_config, print_summary
+from jobs.embedding import NEW, PRESENT, REJECTED, EmbedOptions, embed_images, model_info, read_images
+from jobs.sources import read_source
+from magiclens_core.filters import Filter, column_kinds, parse_filter
+from magiclens_core.store import ImageTable
+from magiclens_core.tokenizer import Tokenizer
+
+OUTPUT_COLUMNS = ("query_id", "uri", "instruction", "ids", "scores")
+REJECT_COLUMNS = ("query_id", "uri", "instruction", "reason", "detail")
+REJECTS_FILE = "_rejects.parquet"  # a leading underscore keeps it out of the dataset when OUT is read
+
+
+@dataclass(kw_only=True)
+class RetrieveConfig(EmbedOptions):
+    queries: str = field(metadata={"help": "Parquet/Lance dataset: image (bytes) or uri, instruction, [query_id]"})
+    db: str = field(metadata={"help": "LanceDB URI"})
+    table: str = field(metadata={"help": "image table to search (indexed with --model)"})
+    out: str = field(metadata={"help": "output Parquet dataset (folder); reruns skip the queries it holds"})
+    k: int = field(default=50, metadata={"help": "results per query"})
+    filter: str | None = field(default=None, metadata={"help": "metadata filter, as the server's `filter`"})
+    id_column: str = field(default="query_id", metadata={"help": "column of query ids (hashed when absent)"})
+    source_format: Literal["auto", "parquet", "lance"] = "auto"
+    search_workers: int = field(default=2, metadata={"help": "table-searching actors"})
+    cpus_per_search_worker: float = field(default=0.5, metadata={"help": "CPUs reserved per search actor"})
+    commit_rows: int = field(default=1024, metadata={"help": "queries per output part file"})
+
+
+def query_id(source: bytes | str, instruction: str) -> str:
+    """The id of a query without one: a 128-bit hash of its image (uri or bytes) and its instruction."""
+    data = source.encode() if isinstance(source, str) else source
+    return hashlib.blake2b(data + b"\x00" + instruction.encode(), digest_size=16).hexdigest()
+
+
+def _add_query_ids(batch: pa.Table, id_column: str) -> pa.Table:
+    sources = (batch.column("image") if "image" in batch.column_names else batch.column("uri")).to_pylist()
+    ids = [query_id(source or b"", instruction or "")
+           for source, instruction in zip(sources, batch.column("instruction").to_pylist(), strict=True)]
+    return batch.append_column(id_column, pa.array(ids, pa.string()))
+
+
+def _check_instructions(batch: pa.Table, context_length: int) -> pa.Table:
+    """Reject the queries whose instruction the text tower cannot take whole."""
+    tokenizer = Tokenizer(context_length)
+    status = batch.column("status").to_pylist()
+    reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
+    for index, text in enumerate(batch.column("instruction").to_pylist()):
+        tokens = tokenizer.token_count(text or "")
+        if status[index] == NEW and tokens > context_length:
+            status[index], reasons[index] = REJECTED, "instruction_too_long"
+            details[index] = f"{tokens} tokens, over the limit of {context_length}"
+    for name, values in (("status", status), ("reason", reasons), ("detail", details)):
+        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+    return batch
+
+
+class SearchWorker:
+    """One table handle per actor: the k nearest images of each embedded query."""
+
+    def __init__(self, db: str, table: str, k: int, where: Filter | None, id_column: str) -> None:
+        self.table = ImageTable.open(db, table)
+        self.params = self.table.search_params()
+        self.k, self.where, self.id_column = k, where, id_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        status = batch.column("status").to_pylist()
+        vectors = batch.column("vector").combine_chunks()
+        ids: list[list[str] | None] = [None] * batch.num_rows
+        scores: list[list[float] | None] = [None] * batch.num_rows
+        for row in np.nonzero(np.array(status) == NEW)[0]:
+            vector = np.asarray(vectors[int(row)].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            found = self.table.search(vector, self.k, self.where, select=["id"], params=self.params)
+            ids[row] = found.column("id").to_pylist()
+            scores[row] = (1.0 - pc.cast(found.column("_distance"), pa.float64()).to_numpy()).tolist()
+        return pa.table({
+            "query_id": batch.column(self.id_column).cast(pa.string()),
+            "uri": batch.column("uri"),
+            "instruction": batch.column("instruction"),
+            "ids": pa.array(ids, pa.list_(pa.string())),
+            "scores": pa.array(scores, pa.list_(pa.float32())),
+            "status": batch.column("status"), "reason": batch.column("reason"), "detail": batch.column("detail"),
+        })
+
+
+class Output:
+    """The output dataset: ids already answered, whole part files, the rejects file."""
+
+    def __init__(self, uri: str) -> None:
+        self.filesystem, self.root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        self.filesystem.create_dir(self.root, recursive=True)
+        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.parts = 0
+
+    def done_ids(self) -> np.ndarray:
+        """Query ids already written, sorted, as numpy bytes (the form `read_images` skips)."""
+        files = [info.path for info in self.filesystem.get_file_info(pafs.FileSelector(self.root))
+                 if info.base_name.endswith(".parquet") and not info.base_name.startswith(("_", "."))]
+        parts = [pq.read_table(path, columns=["query_id"], filesystem=self.filesystem).column(0)
+                 .to_numpy(zero_copy_only=False).astype(np.bytes_) for path in files]
+        return np.sort(np.concatenate(parts)) if parts else np.array([], dtype="S1")
+
+    def _write(self, name: str, table: pa.Table) -> None:
+        final = f"{self.root}/{name}"
+        temporary = f"{self.root}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        pq.write_table(table, temporary, filesystem=self.filesystem)
+        self.filesystem.move(temporary, final)
+
+    def add(self, rows: pa.Table) -> None:
+        self._write(f"part-{self.run}-{self.parts:05d}.parquet", rows.select(list(OUTPUT_COLUMNS)))
+        self.parts += 1
+
+    def write_rejects(self, rows: list[pa.Table]) -> None:
+        schema = pa.schema([pa.field(name, pa.string()) for name in REJECT_COLUMNS])
+        table = pa.concat_tables([row.select(list(REJECT_COLUMNS)).cast(schema) for row in rows]) if rows \
+            else schema.empty_table()
+        self._write(REJECTS_FILE, table)
+
+
+def run(config: RetrieveConfig) -> dict:
+    started = time.perf_counter()
+    table = ImageTable.open(config.db, config.table)
+    where = parse_filter(config.filter, column_kinds(table.schema)) if config.filter else None
+    info = model_info(config.model)
+    table.check_model(info["model_id"])
+    output = Output(config.out)
+    done = output.done_ids()
+    dataset = read_source(config.queries, config.source_format).dataset
+    names = dataset.schema().names
+    if "instruction" not in names:
+        raise ValueError(f"{config.queries}: queries need an `instruction` column; it has {names}")
+    if config.id_column not in names:
+        dataset = dataset.map_batches(_add_query_ids, batch_format="pyarrow", fn_kwargs={"id_column": config.id_column})
+    dataset = read_images(dataset, done, config.id_column)
+    if not config.truncate_instructions:
+        dataset = dataset.map_batches(_check_instructions, batch_format="pyarrow",
+                                      fn_kwargs={"context_length": Tokenizer().context_length})
+    dataset = embed_images(dataset, config, info["image_size"])
+    dataset = dataset.map_batches(
+        SearchWorker, fn_constructor_kwargs={"db": config.db, "table": config.table, "k": config.k, "where": where,
+                                             "id_column": config.id_column},
+        batch_format="pyarrow", batch_size=config.batch_size, concurrency=config.search_workers,
+        num_cpus=config.cpus_per_search_worker)
+    counts = {"queries_searched": 0, "already_done": 0, "rejected": 0}
+    rejects: list[pa.Table] = []
+    last_report = time.perf_counter()
+    for batch in dataset.iter_batches(batch_size=config.commit_rows, batch_format="pyarrow", prefetch_batches=1):
+        status = batch.column("status")
+        searched = batch.filter(pc.equal(status, NEW))
+        if searched.num_rows:
+            output.add(searched)
+        rejects.append(batch.filter(pc.equal(status, REJECTED)))
+        counts["queries_searched"] += searched.num_rows
+        counts["rejected"] += rejects[-1].num_rows
+        counts["already_done"] += pc.sum(pc.equal(status, PRESENT)).as_py() or 0
+        if time.perf_counter() - last_report > 10:
+            last_report = time.perf_counter()
+            print(f"[retrieve] {counts}", file=sys.stderr, flush=True)
+    output.write_rejects(rejects)
+    seconds = time.perf_counter() - started
+    return {**counts, "k": config.k, "out": config.out, "seconds": round(seconds, 2),
+            "queries_per_s": round(counts["queries_searched"] / seconds, 2) if seconds > 0 else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(RetrieveConfig, argv, description=__doc__.splitlines()[0], prog="python -m jobs.retrieve")
+    init_ray()
+    summary = run(config)
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    ray.shutdown()

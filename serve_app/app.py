@@ -1,0 +1,221 @@
+"""The MagicLens search application: a FastAPI ingress in front of the batched `QueryEncoder` deployment.
+
+    serve run serve_app/config.yaml            # or: serve deploy serve_app/config.yaml
+
+Routes: `POST /v1/search`, `GET /v1/images`, `GET /v1/images/{id}`, `GET /v1/info`, `GET /healthz`, the web
+page at `/` and the OpenAPI page at `/docs`. With `api_key` configured every `/v1` route needs
+`Authorization: Bearer <key>`.
+"""
+
+
+import asyncio
+import dataclasses
+import hmac
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from magiclens_core import ImageDecodeError
+from magiclens_core.image_sources import load_image_source
+from serve_app.config import AppConfig
+from serve_app.encoder import QueryEncoder, image_error
+from serve_app.live_table import LiveTable
+from serve_app.schemas import (
+    ApiError,
+    CheckedQuery,
+    ErrorResponse,
+    QueryChecker,
+    SearchRequest,
+    SearchResponse,
+    body_limit,
+    read_body,
+    request_from_form,
+    request_from_json,
+)
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+LISTING_LIMIT = 200
+TRANSIENT = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+logger = logging.getLogger("ray.serve")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503)}
+
+api = FastAPI(title="MagicLens search",
+              description="Instruction-conditioned image retrieval: an image and an instruction in, images out.")
+
+
+def authorize(request: Request) -> None:
+    """Refuse the request (401) unless it carries the configured bearer key; no key configured: open."""
+    expected = request.app.state.api_key
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(401, "unauthorized", "this route needs `Authorization: Bearer <api key>`")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    details = [{"field": ".".join(str(part) for part in e["loc"]), "message": e["msg"]} for e in err.errors()]
+    message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return JSONResponse(ApiError(422, "invalid_request", message, details).body(), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    return JSONResponse(ApiError(err.status_code, code, str(err.detail)).body(), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+    return JSONResponse(ApiError(500, "internal", f"unexpected {type(err).__name__}; see the server log").body(),
+                        status_code=500)
+
+
+_SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": SearchRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary"}, "image_id": {"type": "string"},
+        "instruction": {"type": "string"}, "k": {"type": "integer"}, "filter": {"type": "string"}}}},
+}}}
+
+
+@serve.deployment(name="SearchIngress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class SearchIngress:
+    """HTTP in, checks, one call to the encoder deployment (retried while a replica is being replaced)."""
+
+    def __init__(self, encoder: DeploymentHandle, config: AppConfig) -> None:
+        self.encoder = encoder
+        self.config = config
+        self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
+        self.checker = QueryChecker(config)
+        self.page = PAGE.read_text()
+        api.state.api_key = config.api_key
+
+    async def _read_query(self, request: Request) -> CheckedQuery:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "multipart/form-data"):
+            raise ApiError(415, "unsupported_media_type",
+                           "send application/json or multipart/form-data (an `image` file part)")
+        body = await read_body(request, body_limit(self.config))
+        image = None
+        if content_type == "application/json":
+            search = request_from_json(body)
+        else:
+            search, image = await request_from_form(request.headers, body, self.config.max_image_bytes)
+        await self.live.fresh()
+        return self.checker.check(search, image, self.live.filter_columns)
+
+    async def _encode(self, query: CheckedQuery) -> dict[str, Any]:
+        deadline = time.monotonic() + self.config.retry_s
+        delay = 0.05
+        while True:
+            try:
+                answer = await self.encoder.search.remote(query.image, query.image_id, query.instruction, query.k,
+                                                          query.filter)
+                break
+            except TRANSIENT as err:
+                if time.monotonic() + delay > deadline:
+                    raise ApiError(503, "unavailable", f"no encoder replica answered in {self.config.retry_s} s: "
+                                                       f"{type(err).__name__}") from err
+                logger.warning("encoder call failed (%s); retrying in %.2f s", type(err).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+        if "error" in answer:
+            raise ApiError(**answer["error"])
+        return answer
+
+    @api.post("/v1/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=_SEARCH_BODY,
+              dependencies=[Depends(authorize)])
+    async def search(self, request: Request) -> dict[str, Any]:
+        """The k images that best match an image (base64, an upload, or an indexed `image_id`) changed as the
+        instruction says, best first, with cosine scores and metadata; optional `filter` on metadata."""
+        started = time.perf_counter()
+        answer = await self._encode(await self._read_query(request))
+        answer.pop("encoder_ms", None)
+        return {**answer, "took_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    @api.get("/v1/images", responses=ERRORS, dependencies=[Depends(authorize)])
+    async def list_images(self, limit: int = Query(24, ge=1, le=LISTING_LIMIT),
+                          offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        """A page of the table's images (ids, uris and metadata), in storage order, and the table's size."""
+        table = await self.live.fresh()
+        rows = await asyncio.to_thread(table.head, limit, offset, self.live.result_columns)
+        return {"images": rows.to_pylist(), "total": table.count(), "offset": offset}
+
+    @api.get("/v1/images/{image_id}", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+             response_class=Response, dependencies=[Depends(authorize)])
+    async def image(self, image_id: str, side: int | None = Query(None, ge=16, le=2048)) -> Response:
+        """The image the table names by this id, as a JPEG whose longest side is at most `side` pixels."""
+        uri = await self.live.image_uri(image_id)
+        data = await asyncio.to_thread(self._thumbnail, uri, side or self.config.thumbnail_side)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def _thumbnail(self, uri: str, side: int) -> bytes:
+        try:
+            image = load_image_source(uri, max_pixels=self.config.max_pixels)
+        except ImageDecodeError as err:
+            raise image_error(err) from err
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=90)
+        return out.getvalue()
+
+    @api.get("/v1/info", dependencies=[Depends(authorize)])
+    async def info(self) -> dict[str, Any]:
+        """The model, the table (rows, version, search parameters, filterable columns) and the limits."""
+        table = await self.live.fresh()
+        encoder = await self.encoder.info.remote()
+        return {"model": encoder, "table": {"name": table.name, "rows": table.count(), "version": table.version,
+                                            "search": dataclasses.asdict(self.live.params),
+                                            "filter_columns": self.live.filter_columns},
+                "limits": {"default_k": self.config.default_k, "max_k": self.config.max_k,
+                           "max_image_bytes": self.config.max_image_bytes, "max_pixels": self.config.max_pixels,
+                           "max_instruction_tokens": self.config.max_instruction_tokens},
+                "auth": self.config.api_key is not None}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: answers without a key."""
+        return {"status": "ok"}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+
+def application(config: AppConfig, encoder_options: dict[str, Any] | None = None,
+                ingress_options: dict[str, Any] | None = None) -> serve.Application:
+    """The application over `config`, with deployment options (`.options(...)` keywords) overriding the
+    defaults above, as the `deployments:` section of a Serve config file does."""
+    encoder = QueryEncoder.options(**(encoder_options or {})).bind(config)
+    return SearchIngress.options(**(ingress_options or {})).bind(encoder, config)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run` / `serve deploy` (`import_path: serve_app.app:build_app`); `args` are
+    `AppConfig` fields."""
+    return application(AppConfig.model_validate(args))

@@ -1,0 +1,100 @@
+"""The query-encoder deployment: decodes a query image, embeds (image, instruction) pairs in batches with the
+`Embedder`, and searches the image table with its stored tuned parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from magiclens_core import Embedder, ImageDecodeError
+from magiclens_core.filters import Filter
+from magiclens_core.image_sources import read_source
+from magiclens_core.pixel_batches import as_float_batch, model_pixels
+from serve_app.config import AppConfig
+from serve_app.live_table import LiveTable
+from serve_app.schemas import ApiError
+
+IMAGE_ERROR_STATUS = {"too_many_pixels": 413, "unreadable": 404}  # every other decode reason is a 422
+
+
+def image_error(err: ImageDecodeError) -> ApiError:
+    """The API's answer to an image that cannot be used; the code is the decoder's reason."""
+    return ApiError(IMAGE_ERROR_STATUS.get(err.reason, 422), err.reason, f"image cannot be used: {err}")
+
+
+def rows_to_hits(rows: Any) -> list[dict[str, Any]]:
+    """Search rows (Arrow, with `_distance`) as result dicts: the columns and `score` = cosine similarity."""
+    hits = []
+    for row in rows.to_pylist():
+        distance = row.pop("_distance")
+        hits.append({**row, "score": round(1.0 - float(distance), 6)})
+    return hits
+
+
+@serve.deployment(
+    name="QueryEncoder",
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    ray_actor_options={"num_cpus": 1},
+)
+class QueryEncoder:
+    """One model and one table handle per replica; concurrent queries are embedded together."""
+
+    def __init__(self, config: AppConfig) -> None:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.config = config
+        self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
+                                      batch_size=config.max_batch_size, preprocess=config.preprocess)
+        self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
+        self.live.table.check_model(self.embedder.model_id)
+        self.embed.set_max_batch_size(config.max_batch_size)
+        self.embed.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves: the model, its device and the batching settings."""
+        return {"model_id": self.embedder.model_id, "dim": self.embedder.dim, "device": str(self.embedder.device),
+                "precision": self.embedder.precision, "max_batch_size": self.config.max_batch_size}
+
+    async def _pixels(self, image: bytes | None, image_id: str | None) -> np.ndarray:
+        config = self.config
+        try:
+            data = image
+            if data is None:
+                data = await asyncio.to_thread(read_source, await self.live.image_uri(image_id or ""))
+            pixels, _, _ = await asyncio.to_thread(model_pixels, data, self.embedder.model.image_size,
+                                                   config.preprocess, config.max_pixels, config.min_image_side)
+        except ImageDecodeError as err:
+            raise image_error(err) from err
+        return pixels
+
+    async def search(self, image: bytes | None, image_id: str | None, instruction: str, k: int,
+                     where: Filter | None) -> dict[str, Any]:
+        """The k best images for one query, or `{"error": {...}}` (an `ApiError` as data) when it is refused."""
+        started = time.perf_counter()
+        try:
+            pixels = await self._pixels(image, image_id)
+        except ApiError as err:
+            return {"error": {"status": err.status, "code": err.code, "message": err.message}}
+        vector, batch_size = await self.embed(pixels, instruction)
+        table = await self.live.fresh()
+        rows = await asyncio.to_thread(table.search, vector, k, where, select=self.live.result_columns,
+                                       params=self.live.params)
+        return {"results": rows_to_hits(rows), "batch_size": batch_size, "table_version": table.version,
+                "encoder_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed(self, pixels: list[np.ndarray], instructions: list[str]) -> list[tuple[np.ndarray, int]]:
+        """Query embeddings of a batch of (model pixels, instruction), each with the batch's size."""
+        batch = as_float_batch(np.stack(pixels))
+        vectors = await asyncio.to_thread(self.embedder.embed_queries, batch, list(instructions))
+        return [(vector, len(pixels)) for vector in vectors]

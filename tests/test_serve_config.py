@@ -1,0 +1,89 @@
+"""serve_app/config.yaml against Serve's own schema, strictly: a typo anywhere fails, as Serve would not."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppConfig
+from serve_app.config_check import check_config, check_file, main
+
+CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
+
+
+@pytest.fixture()
+def config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_the_shipped_config_is_sound(config):
+    assert check_file(CONFIG) == []
+    assert main([str(CONFIG)]) == 0
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "serve_app.app:build_app"
+    AppConfig.model_validate(app["args"])
+    encoder = next(d for d in app["deployments"] if d["name"] == "QueryEncoder")
+    scaling = encoder["autoscaling_config"]
+    assert scaling["min_replicas"] <= scaling["max_replicas"]
+    assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(scaling)
+    assert encoder["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert "num_gpus" in encoder["ray_actor_options"]
+
+
+def _edit(config: dict, path: list, value=None, rename: str | None = None) -> dict:
+    edited = copy.deepcopy(config)
+    node = edited
+    for key in path[:-1]:
+        node = node[key]
+    if rename is not None:
+        node[rename] = node.pop(path[-1])
+    else:
+        node[path[-1]] = value
+    return edited
+
+
+DEPLOYMENT = ["applications", 0, "deployments", 0]
+TYPOS = [
+    (["proxy_location"], "proxy_locaton"),
+    (["http_options", "port"], "prot"),
+    (["applications", 0, "route_prefix"], "route_prefx"),
+    ([*DEPLOYMENT, "max_ongoing_requests"], "max_ongoing_request"),
+    ([*DEPLOYMENT, "autoscaling_config", "target_ongoing_requests"], "target_ongoing_request"),
+    ([*DEPLOYMENT, "autoscaling_config", "downscale_delay_s"], "downscale_delay"),
+    ([*DEPLOYMENT, "ray_actor_options", "num_gpus"], "num_gpu"),
+    (["applications", 0, "args", "refresh_interval_s"], "refresh_interval"),
+]
+
+
+@pytest.mark.parametrize("path,typo", TYPOS, ids=[typo for _, typo in TYPOS])
+def test_a_misspelt_key_anywhere_is_caught(config, path, typo):
+    edited = _edit(config, path, rename=typo)
+    problems = check_config(edited)
+    assert problems and any(typo in problem for problem in problems), problems
+
+
+def test_serve_alone_lets_a_misspelt_key_through(config):
+    """Why the strict check exists: Serve's own schema accepts these typos silently."""
+    ServeDeploySchema.model_validate(_edit(config, [*DEPLOYMENT, "autoscaling_config", "target_ongoing_requests"],
+                                           rename="target_ongoing_request"))
+    ServeDeploySchema.model_validate(_edit(config, ["http_options", "port"], rename="prot"))
+
+
+def test_wrong_values_and_unfillable_batches_are_caught(config, tmp_path):
+    assert check_config(_edit(config, [*DEPLOYMENT, "max_ongoing_requests"], 4))[0].endswith(
+        "batches can never fill")
+    assert check_config(_edit(config, [*DEPLOYMENT, "autoscaling_config", "min_replicas"], "many"))
+    assert check_config(_edit(config, [*DEPLOYMENT, "name"], "Encoder"))
+    assert check_config(_edit(config, ["applications", 0, "args", "device"], "tpu"))
+    assert check_config(_edit(config, ["applications", 0, "args", "model"], None))
+    with pytest.raises(ValidationError, match="default_k"):
+        AppConfig(model="m", db="d", table="t", default_k=20, max_k=10)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_edit(config, ["http_options", "port"], rename="prot")))
+    assert main([str(bad)]) == 1
