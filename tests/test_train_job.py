@@ -1,0 +1,228 @@
+"""The training job: the data pipeline's pixels, the training-time embeddings against the `Embedder`, the
+optimiser step and its checkpointed state, and whole runs through Ray Train (learning, a killed worker,
+rerunning a finished run, the exported model)."""
+
+import io
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.common import parse_config
+from jobs.train_data import decode_triplets, training_dataset
+from jobs.training import FAULT_ENV, TrainConfig, total_steps
+from magiclens_core import Embedder, MagicLens, MagicLensConfig, load_image, load_model, save_model
+from magiclens_core.config import ClipConfig, HeadConfig
+from magiclens_core.retrieval_set import evaluate_retrieval, read_retrieval_set
+from magiclens_core.synthetic import SyntheticWorld
+from magiclens_core.training import Learner, initial_model, set_trainable, to_unit_pixels, warmup_cosine
+
+MICRO = MagicLensConfig(
+    clip=ClipConfig(embed_dim=32, image_size=64, vision_width=64, vision_layers=1, vision_heads=2,
+                    vision_patch_size=16, text_width=32, text_layers=1, text_heads=2),
+    head=HeadConfig(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64, pooler_width=128),
+    name="micro-test",
+)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.array([row[key] for row in rows], dtype=object)
+            for key in ("query_image", "instruction", "target_image")}
+
+
+@pytest.fixture(scope="module")
+def triplet_rows():
+    return SyntheticWorld(seed=5).triplets(6)
+
+
+def test_decoded_pixels_are_the_embedders_pixels_and_bad_rows_are_dropped(triplet_rows, tmp_path, caplog):
+    odd = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)  # not square, not 64
+    (tmp_path / "odd.png").write_bytes(_png(odd))
+    rows = [triplet_rows[0], {**triplet_rows[1], "query_image": str(tmp_path / "odd.png")},
+            {**triplet_rows[2], "target_image": b"not an image"}, {**triplet_rows[3], "instruction": None}]
+    with caplog.at_level(logging.WARNING):
+        out = decode_triplets(_batch(rows), image_size=64)
+    assert out["query_pixels"].shape == (2, 64, 64, 3) and out["query_pixels"].dtype == np.uint8
+    assert "not_an_image" in caplog.text and "instruction" in caplog.text
+    embedder = Embedder(MagicLens(MICRO))
+    expected = embedder.pixels([load_image(triplet_rows[0]["query_image"]), Image.fromarray(odd)])
+    # 64-pixel images pass through exactly; others are the Embedder's geometry rounded to 8 bits
+    assert np.array_equal(out["query_pixels"][0], np.asarray(load_image(triplet_rows[0]["query_image"])))
+    assert np.abs(out["query_pixels"] / 255.0 - expected.permute(0, 2, 3, 1).numpy()).max() <= 0.5 / 255 + 1e-6
+    ids = MagicLens(MICRO).tokenize([rows[0]["instruction"], rows[1]["instruction"]])
+    assert np.array_equal(out["query_ids"], ids.numpy())
+
+
+def test_training_embeddings_are_the_embedders_embeddings(triplet_rows):
+    model = MagicLens(MICRO)
+    learner = Learner(model, total_steps=1)
+    decoded = decode_triplets(_batch(triplet_rows), image_size=64)
+    with torch.no_grad():
+        queries, targets, negatives, _ = learner.core(
+            to_unit_pixels(torch.from_numpy(decoded["query_pixels"]), learner.device),
+            torch.from_numpy(decoded["query_ids"]),
+            to_unit_pixels(torch.from_numpy(decoded["target_pixels"]), learner.device))
+    embedder = Embedder(model)
+    query_images = [load_image(r["query_image"]) for r in triplet_rows]
+    target_images = [load_image(r["target_image"]) for r in triplet_rows]
+    close = {"atol": 1e-5, "rtol": 1e-5}
+    np.testing.assert_allclose(targets.numpy(), embedder.embed_targets(target_images), **close)
+    np.testing.assert_allclose(negatives.numpy(), embedder.embed_targets(query_images), **close)
+    np.testing.assert_allclose(queries.numpy(),
+                               embedder.embed_queries(query_images, [r["instruction"] for r in triplet_rows]),
+                               **close)
+
+
+def test_which_parts_train():
+    model = MagicLens(MICRO)
+    head = sum(p.numel() for p in model.head.parameters())
+    assert set_trainable(model, "head") == head
+    assert not any(p.requires_grad for p in model.clip.parameters())
+    set_trainable(model, "last_blocks", 1)
+    assert all(p.requires_grad for p in model.clip.visual.transformer.resblocks[-1].parameters())
+    assert not model.clip.token_embedding.weight.requires_grad and not model.clip.visual.conv1.weight.requires_grad
+    everything = set_trainable(model, "all")
+    assert everything == sum(p.numel() for p in model.parameters()) - 1  # all but CLIP's unused logit_scale
+    with pytest.raises(ValueError):
+        set_trainable(model, "last_blocks", 0)
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_checkpointed_state_resumes_the_exact_same_step(triplet_rows, tmp_path):
+    decoded = {k: torch.from_numpy(v) for k, v in decode_triplets(_batch(triplet_rows), image_size=64).items()}
+    options = {"lr": 3e-3, "warmup_steps": 2, "total_steps": 10, "learn_temperature": True, "temperature": 0.07}
+    torch.manual_seed(0)
+    first = Learner(MagicLens(MICRO), **options)
+    losses = [first.train_step([decoded]).item() for _ in range(3)]
+    assert losses[-1] < losses[0]
+    save_model(first.model, tmp_path / "model")
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = Learner(load_model(tmp_path / "model").train(), **options)
+    resumed.load_state_dict(state)
+    assert resumed.step == 3 and resumed.lr == first.lr and resumed.temperature == first.temperature
+    assert resumed.train_step([decoded]).item() == pytest.approx(first.train_step([decoded]).item(), rel=1e-5)
+    for mine, theirs in zip(first.core.parameters(), resumed.core.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_initial_models(tmp_path):
+    config_file = tmp_path / "micro.json"
+    config_file.write_text(json.dumps(MICRO.to_dict()))
+    assert initial_model(str(config_file)).config == MICRO
+    assert initial_model("tiny").config.name == "tiny"
+    save_model(MagicLens(MICRO), tmp_path / "folder")
+    assert initial_model(str(tmp_path / "folder")).config == MICRO
+    with pytest.raises(ValueError, match="neither"):
+        initial_model("huge")
+
+
+@pytest.mark.parametrize("flags", [["--validate-every", "3", "--checkpoint-every", "2"],
+                                   ["--steps", "0"], ["--crop-min", "0"], ["--train-parts", "some"]])
+def test_bad_options_are_usage_errors(flags):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(TrainConfig, ["--triplets", "t.parquet", "--init", "tiny", "--name", "x", *flags])
+    assert exit_info.value.code == 2
+
+
+def test_steps_from_epochs():
+    config = TrainConfig(triplets="t", init="tiny", name="x", workers=2, batch_size=32, epochs=2.5)
+    assert total_steps(config, lambda: 1000) == 37  # 15 global batches an epoch
+    assert total_steps(TrainConfig(triplets="t", init="tiny", name="x", steps=7), lambda: 1 / 0) == 7
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        total_steps(config, lambda: 63)
+
+
+def test_lance_triplets_stream_through_the_pipeline(ray_cluster, triplet_rows, tmp_path):
+    """Parquet sources run in the training runs below; a Lance dataset reads the same way."""
+    import lance
+    import pyarrow as pa
+
+    lance.write_dataset(pa.Table.from_pylist(triplet_rows), str(tmp_path / "triplets.lance"))
+    rows = training_dataset(str(tmp_path / "triplets.lance"), image_size=64).take_all()
+    expected = zip(MagicLens(MICRO).tokenize([t["instruction"] for t in triplet_rows]),
+                   [np.asarray(load_image(t["query_image"])) for t in triplet_rows], strict=True)
+    assert sorted((row["query_ids"].tolist(), row["query_pixels"].tobytes()) for row in rows) == \
+        sorted((ids.tolist(), pixels.tobytes()) for ids, pixels in expected)
+
+
+# ---------------------------------------------------------------- whole runs through Ray Train
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """One real run: the tiny model from random weights on the synthetic world, 2 workers, validated at each
+    checkpoint (80, 160, 240) on 100 held-out queries; the last worker dies at step 100 and the run goes
+    on from step 80."""
+    root = tmp_path_factory.mktemp("train")
+    world = SyntheticWorld(seed=0)
+    triplets = world.write_triplets(root / "train.parquet", 3000)
+    bench = world.write_benchmark(root / "bench", 100, pool_size=100)
+    argv = ["--triplets", str(triplets), "--init", "tiny", "--name", "learn", "--storage", str(root / "runs"),
+            "--workers", "2", "--batch-size", "32", "--steps", "240", "--lr", "2e-3", "--warmup-steps", "20",
+            "--weight-decay", "0.05", "--temperature", "0.07", "--learn-temperature", "true",
+            "--checkpoint-every", "80", "--keep-checkpoints", "2", "--max-failures", "2", "--validation", str(bench)]
+    from jobs.train import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, "100")
+        summary = main(argv)
+    return {"summary": summary, "argv": argv, "bench": bench, "run": root / "runs" / "learn"}
+
+
+def test_the_tiny_model_learns_far_above_chance(trained):
+    summary, history = trained["summary"], trained["summary"]["history"]
+    assert summary["steps"] == 240 and [point["step"] for point in history] == [80, 160, 240]
+    untrained = math.log(2 * 32 * 2)  # uniform logits over the global batch's targets and query negatives
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["loss"] < 0.8 * untrained
+    # validation results stay with the kept checkpoints (the 2 best and the latest): at least 2 of 3
+    assert sum("val_recall@1" in point for point in history) >= 2 and "val_recall@1" in history[-1]
+    # a pool of 100, 100 queries: chance is 1 ± 1 hits at R@1, 5 ± 2 at R@5, 10 ± 3 at R@10
+    assert summary["best_val_recall@1"] >= 0.04
+    assert summary["best_val_recall@5"] >= 0.15 and summary["best_val_recall@10"] >= 0.3
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(trained):
+    summary = trained["summary"]
+    assert summary["resumed_from_step"] == 80  # the attempt that finished began at the step-80 checkpoint
+    assert summary["triplets_seen"] == 240 * 32 * 2
+    kept = sorted(path.name for path in trained["run"].glob("checkpoint_*"))
+    assert len(kept) <= 3 and "checkpoint_00000240" in kept  # the 2 best by validation R@1, and the latest
+
+
+def test_the_exported_model_is_the_best_checkpoint_and_embeds_through_the_embedder(trained):
+    summary = trained["summary"]
+    model = load_model(summary["model"])
+    assert model.model_id == summary["model_id"] and model.config.name == "tiny"
+    best = max(point.get("val_recall@1", -1) for point in summary["history"])
+    assert summary["best_val_recall@1"] == best
+    recall = evaluate_retrieval(Embedder.load(summary["model"]), read_retrieval_set(trained["bench"]))
+    assert recall["recall@1"] == pytest.approx(summary["best_val_recall@1"])
+    assert recall["recall@10"] == pytest.approx(summary["best_val_recall@10"])
+
+
+def test_rerunning_a_finished_run_does_not_train_again(trained, capsys):
+    from jobs.train import main
+
+    before = sorted(path.name for path in trained["run"].glob("checkpoint_*"))
+    again = main(trained["argv"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == again
+    assert again.pop("already_finished") is True
+    assert again == json.loads(json.dumps(trained["summary"]))
+    assert sorted(path.name for path in trained["run"].glob("checkpoint_*")) == before
