@@ -23,12 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
 from ray.data.extensions import ArrowTensorArray
 
 from jobs.sources import read_uri
 from magiclens_core import Embedder, ImageDecodeError
 from magiclens_core.images import DEFAULT_MAX_PIXELS
 from magiclens_core.pixel_batches import as_float_batch, decode_on_device, model_pixels
+from magiclens_core.tokenizer import Tokenizer
 
 NEW, PRESENT, REJECTED = "new", "present", "rejected"
 READ_BATCH = 64  # images per read/decode task batch
@@ -73,15 +75,12 @@ def _read_batch(batch: pa.Table, skip_ids: ray.ObjectRef | None, id_column: str 
         batch = batch.append_column("uri", pa.nulls(rows, pa.string()))
     reasons: list[str | None] = [None] * rows
     details: list[str | None] = [None] * rows
-    if "image" in batch.column_names:
-        images = batch.column("image").to_pylist()
-    else:
-        images = []
-        for index, uri in enumerate(batch.column("uri").to_pylist()):
+    images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * rows
+    for index, uri in enumerate(batch.column("uri").to_pylist()):
+        if images[index] is None and uri is not None:  # bytes given win; else read the uri
             try:
-                images.append(read_uri(uri))
+                images[index] = read_uri(uri)
             except (OSError, ValueError) as err:
-                images.append(None)
                 reasons[index], details[index] = "unreadable", str(err)
     if id_column and id_column in batch.column_names:
         ids = [None if value is None else str(value) for value in batch.column(id_column).to_pylist()]
@@ -108,12 +107,34 @@ def _read_batch(batch: pa.Table, skip_ids: ray.ObjectRef | None, id_column: str 
 
 def read_images(dataset: ray.data.Dataset, skip_ids: np.ndarray | None = None,
                 id_column: str | None = None) -> ray.data.Dataset:
-    """Fetch each row's image bytes (from `uri` unless an `image` column has them) and give it an `id`
+    """Fetch each row's image bytes (from `uri` where no `image` bytes are given) and give it an `id`
     (`id_column` of the source, else the content hash). Rows whose id is in `skip_ids` (a sorted numpy
     bytes array, as `ImageTable.ids` returns) get `status == "present"` and lose their bytes."""
     reference = ray.put(skip_ids) if skip_ids is not None and len(skip_ids) else None
     return dataset.map_batches(_read_batch, batch_format="pyarrow", batch_size=READ_BATCH, zero_copy_batch=True,
                                fn_kwargs={"skip_ids": reference, "id_column": id_column})
+
+
+def _check_instruction_batch(batch: pa.Table, context_length: int) -> pa.Table:
+    """Reject the queries whose instruction the text tower cannot take whole."""
+    tokenizer = Tokenizer(context_length)
+    status = batch.column("status").to_pylist()
+    reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
+    for index, text in enumerate(batch.column("instruction").to_pylist()):
+        tokens = tokenizer.token_count(text or "")
+        if status[index] == NEW and tokens > context_length:
+            status[index], reasons[index] = REJECTED, "instruction_too_long"
+            details[index] = f"{tokens} tokens, over the limit of {context_length}"
+    for name, values in (("status", status), ("reason", reasons), ("detail", details)):
+        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+    return batch
+
+
+def check_instructions(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """Mark `rejected` (reason `instruction_too_long`) the `new` rows of a `read_images` dataset whose
+    `instruction` the text tower cannot take whole, instead of failing in the embedding actors."""
+    return dataset.map_batches(_check_instruction_batch, batch_format="pyarrow",
+                               fn_kwargs={"context_length": Tokenizer().context_length})
 
 
 def _decode_batch(batch: pa.Table, size: int, preprocess: str, max_pixels: int, min_size: int) -> pa.Table:
@@ -124,11 +145,13 @@ def _decode_batch(batch: pa.Table, size: int, preprocess: str, max_pixels: int, 
     status = batch.column("status").to_pylist()
     reasons = batch.column("reason").to_pylist()
     details = batch.column("detail").to_pylist()
+    boxes = batch.column("box").to_pylist() if "box" in batch.column_names else [None] * rows
     for index, data in enumerate(batch.column("image").to_pylist()):
         if status[index] != NEW:
             continue
         try:
-            pixels[index], widths[index], heights[index] = model_pixels(data, size, preprocess, max_pixels, min_size)
+            pixels[index], widths[index], heights[index] = model_pixels(data, size, preprocess, max_pixels, min_size,
+                                                                        boxes[index])
         except ImageDecodeError as err:
             status[index], reasons[index], details[index] = REJECTED, err.reason, err.detail
     batch = batch.drop_columns(["image"])
@@ -160,9 +183,9 @@ class EmbedWorker:
                                       batch_size=options.batch_size, preprocess=options.preprocess)
 
     def _pixels(self, batch: pa.Table, todo: np.ndarray) -> tuple[Any, pa.Table]:
-        if "pixels" in batch.column_names:
-            pixels = batch.column("pixels").combine_chunks().to_numpy()
-            return as_float_batch(pixels[todo]), batch.drop_columns(["pixels"])
+        if "pixels" in batch.column_names:  # uint8 to the model's device (a quarter of float32's bytes)
+            pixels = torch.from_numpy(batch.column("pixels").combine_chunks().to_numpy()[todo])
+            return as_float_batch(pixels.to(self.embedder.device)), batch.drop_columns(["pixels"])
         status = batch.column("status").to_pylist()
         reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
         widths: list[int | None] = [None] * batch.num_rows

@@ -1,13 +1,14 @@
 """Evaluate a MagicLens model on a paper benchmark, or score an existing predictions file.
 
     python -m jobs.evaluate --benchmark circo --data ROOT --model MODEL --out DIR [--split val|test]
-        [--preprocess model|official_eval] [--k 50]
+        [--preprocess model|official_eval] [--k 50] [--workers N --gpus-per-worker G]
     python -m jobs.evaluate --benchmark circo --data ROOT --predictions P.json [--split val]
 
-With a model it embeds the queries and the pool with the shared `Embedder`, ranks the pool by exact
-cosine similarity, and writes `metrics.json`, the benchmark's submission files and `report.html` to
-`--out`. With `--predictions` (one file or several, e.g. CIRR's recall and recall_subset files) it only
-scores them. Either way the last output line is the JSON summary.
+With a model it embeds the queries and the pool with the shared `Embedder` through the indexing job's Ray
+Data stages (`jobs.embedding`), ranks the pool by exact cosine similarity, and writes `metrics.json`, the
+benchmark's submission files and `report.html` to `--out`. With `--predictions` (one file or several,
+e.g. CIRR's recall and recall_subset files) it only scores them, without Ray. Either way the last output
+line is the JSON summary.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
-from PIL import Image
 
-from jobs.common import parse_config, print_summary
-from magiclens_core import Embedder, ImageDecodeError
-from magiclens_core.benchmarks import Benchmark, BenchmarkDataError, load_benchmark, open_image
+from jobs.common import init_ray, parse_config, print_summary
+from jobs.embedding import NEW, EmbedOptions, check_instructions, embed_images, model_info, read_images
+from jobs.sources import table_dataset
+from magiclens_core.benchmarks import Benchmark, BenchmarkDataError, load_benchmark
 from magiclens_core.benchmarks.predictions import SUBMISSION_DEPTH, rankings_from_files, write_predictions
 from magiclens_core.metrics import PredictionError, score
 from magiclens_core.ranking import rank_candidates, rank_pool
@@ -36,23 +37,20 @@ from magiclens_core.report import write_report
 Rankings = dict[str, list[str]]
 
 
-@dataclass
-class EvaluateConfig:
-    benchmark: Literal["circo", "cirr", "fashioniq", "dtin", "genecis"] = field(
+@dataclass(kw_only=True)
+class EvaluateConfig(EmbedOptions):
+    """Options of `python -m jobs.evaluate`; the embedding options are the indexing job's."""
+
+    benchmark: Literal["circo", "cirr", "fashioniq", "dtin", "genecis", "synthetic"] = field(
         metadata={"help": "which benchmark"})
     data: str = field(metadata={"help": "the benchmark's folder, laid out as its official release"})
     split: Literal["val", "test"] = field(default="val", metadata={"help": "test: CIRCO, CIRR submission files"})
     model: str | None = field(default=None, metadata={"help": "model folder or official .pkl"})
     out: str | None = field(default=None, metadata={"help": "output folder (with --model)"})
     predictions: list[str] = field(default_factory=list, metadata={"help": "score these files, no model"})
-    preprocess: Literal["model", "official_eval"] = field(default="model", metadata={"help": "image preprocessing"})
     k: int = field(default=50, metadata={"help": "results kept per query"})
-    batch_size: int = field(default=32, metadata={"help": "images per embedding batch"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if present)"})
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "precision"})
     cirr_targets: Literal["hard", "soft"] = field(default="hard", metadata={"help": "CIRR target_hard or soft"})
     report_samples: int = field(default=12, metadata={"help": "sample queries shown in report.html"})
-    decode_threads: int = field(default=4, metadata={"help": "threads decoding images"})
 
 
 class EvaluationError(RuntimeError):
@@ -62,63 +60,57 @@ class EvaluationError(RuntimeError):
 def check_images_exist(benchmark: Benchmark, ids: Sequence[str], out: Path) -> None:
     """Fail before any work when an image file is missing: the count, the first paths, the full list in `out`."""
     missing = sorted({str(benchmark.images[image_id].path) for image_id in ids
-                      if not benchmark.images[image_id].path.is_file()})
+                      if not benchmark.images[image_id].exists})
     if missing:
         listing = out / "missing_images.txt"
         listing.write_text("\n".join(missing) + "\n")
         raise EvaluationError(f"{len(missing)} image file(s) missing, e.g. {missing[0]}; all listed in {listing}")
 
 
-def decoded_batches(benchmark: Benchmark, ids: Sequence[str], batch_size: int, threads: int,
-                    unreadable: dict[str, str]) -> Iterator[tuple[slice, list[Image.Image]]]:
-    """Decoded images batch by batch; a batch with an undecodable image is recorded in `unreadable` and skipped."""
-
-    def decode(image_id: str) -> Image.Image | None:
-        try:
-            return open_image(benchmark.images[image_id])
-        except ImageDecodeError as err:
-            unreadable[str(benchmark.images[image_id].path)] = err.reason
-            return None
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, len(ids), batch_size):
-            part = slice(start, min(start + batch_size, len(ids)))
-            images = list(pool.map(decode, ids[part]))
-            if all(image is not None for image in images):
-                yield part, images
+def image_rows(benchmark: Benchmark, ids: Sequence[str], texts: Sequence[str] | None = None,
+               images: Sequence[str] | None = None) -> pa.Table:
+    """The rows the embedding stages take: `id`, the image as `uri` (or `image` bytes) with its crop `box`,
+    and the `instruction` when `texts` is given (then the rows embed as queries of `images`)."""
+    refs = [benchmark.images[image_id] for image_id in (images or ids)]
+    columns = {"id": pa.array(list(ids), pa.string()), "uri": pa.array([str(ref.path) for ref in refs])}
+    if any(ref.data is not None for ref in refs):
+        columns["image"] = pa.array([ref.data for ref in refs], pa.binary())
+    if any(ref.box is not None for ref in refs):
+        columns["box"] = pa.array([None if ref.box is None else list(ref.box) for ref in refs],
+                                  pa.list_(pa.float64()))
+    if texts is not None:
+        columns["instruction"] = pa.array(list(texts), pa.string())
+    return pa.table(columns)
 
 
-def _raise_unreadable(unreadable: dict[str, str], out: Path) -> None:
-    if unreadable:
+def embed_rows(rows: pa.Table, config: EvaluateConfig, image_size: int, dim: int,
+               refused: dict[str, str]) -> np.ndarray:
+    """Embeddings [N, D] of `image_rows`, in row order, through the shared Ray Data stages (decode in CPU
+    tasks, `Embedder` actors). A row that cannot be embedded is recorded in `refused` (uri → reason)."""
+    dataset = read_images(table_dataset(rows), id_column="id")
+    if "instruction" in rows.column_names and not config.truncate_instructions:
+        dataset = check_instructions(dataset)
+    dataset = embed_images(dataset, config, image_size)
+    row_of = {row_id: index for index, row_id in enumerate(rows.column("id").to_pylist())}
+    vectors = np.zeros((rows.num_rows, dim), dtype=np.float32)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        ids, status = batch.column("id").to_pylist(), batch.column("status").to_pylist()
+        embedded = batch.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        for index, (row_id, outcome) in enumerate(zip(ids, status, strict=True)):
+            if outcome == NEW:
+                vectors[row_of[row_id]] = embedded[index]
+            else:
+                refused[batch.column("uri")[index].as_py()] = batch.column("reason")[index].as_py()
+    return vectors
+
+
+def _raise_refused(refused: dict[str, str], out: Path) -> None:
+    if refused:
         listing = out / "unreadable_images.json"
-        listing.write_text(json.dumps(unreadable, indent=1))
-        first = next(iter(unreadable.items()))
-        raise EvaluationError(f"{len(unreadable)} image(s) cannot be decoded, e.g. {first[0]} ({first[1]}); "
+        listing.write_text(json.dumps(refused, indent=1))
+        first = next(iter(refused.items()))
+        raise EvaluationError(f"{len(refused)} image(s) cannot be decoded, e.g. {first[0]} ({first[1]}); "
                               f"all listed in {listing}")
-
-
-def embed_pool(embedder: Embedder, benchmark: Benchmark, ids: Sequence[str], config: EvaluateConfig,
-               out: Path) -> np.ndarray:
-    """Target embeddings [N, D] of the pool images, in `ids` order."""
-    vectors = np.zeros((len(ids), embedder.dim), dtype=np.float32)
-    unreadable: dict[str, str] = {}
-    for part, images in decoded_batches(benchmark, ids, config.batch_size, config.decode_threads, unreadable):
-        vectors[part] = embedder.embed_targets(images)
-    _raise_unreadable(unreadable, out)
-    return vectors
-
-
-def embed_queries(embedder: Embedder, benchmark: Benchmark, config: EvaluateConfig, out: Path) -> np.ndarray:
-    """Query embeddings [Q, D] of (reference image, instruction), in `benchmark.queries` order."""
-    queries = benchmark.queries
-    vectors = np.zeros((len(queries), embedder.dim), dtype=np.float32)
-    unreadable: dict[str, str] = {}
-    references = [query.reference for query in queries]
-    for part, images in decoded_batches(benchmark, references, config.batch_size, config.decode_threads,
-                                        unreadable):
-        vectors[part] = embedder.embed_queries(images, [query.text for query in queries[part]])
-    _raise_unreadable(unreadable, out)
-    return vectors
 
 
 def rank(benchmark: Benchmark, query_vectors: np.ndarray, pool_ids: list[str], pool_vectors: np.ndarray,
@@ -166,19 +158,28 @@ def run_model(config: EvaluateConfig, benchmark: Benchmark) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     pool_ids = list(dict.fromkeys(image_id for task in benchmark.tasks for image_id in task.pool))
-    check_images_exist(benchmark, [*pool_ids, *(query.reference for query in benchmark.queries)], out)
-    embedder = Embedder.load(config.model, device=config.device, precision=config.precision,
-                             batch_size=config.batch_size, preprocess=config.preprocess)
+    queries = benchmark.queries
+    check_images_exist(benchmark, [*pool_ids, *(query.reference for query in queries)], out)
+    if config.gpu_decode and any(benchmark.images[image_id].box for image_id in pool_ids):
+        raise EvaluationError("--gpu-decode cannot crop instance boxes (GeneCIS attribute tasks)")
+    init_ray()
+    info = model_info(config.model)
     seconds: dict[str, float] = {}
-    with stage(seconds, "embed_queries"):  # first: an instruction the tokenizer refuses fails early
-        query_vectors = embed_queries(embedder, benchmark, config, out)
+    refused: dict[str, str] = {}
+    with stage(seconds, "embed_queries"):
+        query_rows = image_rows(benchmark, [query.id for query in queries], [query.text for query in queries],
+                                [query.reference for query in queries])
+        query_vectors = embed_rows(query_rows, config, info["image_size"], info["dim"], refused)
     with stage(seconds, "embed_pool"):
-        pool_vectors = embed_pool(embedder, benchmark, pool_ids, config, out)
+        pool_vectors = embed_rows(image_rows(benchmark, pool_ids), config, info["image_size"], info["dim"],
+                                  refused)
+    _raise_refused(refused, out)
     with stage(seconds, "rank"):
-        rankings, subsets = rank(benchmark, query_vectors, pool_ids, pool_vectors, config.k, embedder.device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rankings, subsets = rank(benchmark, query_vectors, pool_ids, pool_vectors, config.k, device)
     metrics = score(benchmark, rankings, subsets, config.cirr_targets)
     files = [path.name for path in write_predictions(benchmark, rankings, subsets, out)]
-    summary = {**_summary(benchmark, metrics, config), "model": embedder.model_id or config.model,
+    summary = {**_summary(benchmark, metrics, config), "model": info["model_id"] or config.model,
                "pool_size": len(pool_ids), "files": files, "seconds": seconds,
                "config": asdict(config)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))

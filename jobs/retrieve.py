@@ -30,12 +30,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from jobs.common import init_ray, parse_config, print_summary
-from jobs.embedding import NEW, PRESENT, REJECTED, EmbedOptions, embed_images, model_info, read_images
+from jobs.common import run_job
+from jobs.embedding import (
+    NEW,
+    PRESENT,
+    REJECTED,
+    EmbedOptions,
+    check_instructions,
+    embed_images,
+    model_info,
+    read_images,
+)
 from jobs.sources import read_source
 from magiclens_core.filters import Filter, column_kinds, parse_filter
 from magiclens_core.store import ImageTable
-from magiclens_core.tokenizer import Tokenizer
 
 OUTPUT_COLUMNS = ("query_id", "uri", "instruction", "ids", "scores")
 REJECT_COLUMNS = ("query_id", "uri", "instruction", "reason", "detail")
@@ -68,21 +76,6 @@ def _add_query_ids(batch: pa.Table, id_column: str) -> pa.Table:
     ids = [query_id(source or b"", instruction or "")
            for source, instruction in zip(sources, batch.column("instruction").to_pylist(), strict=True)]
     return batch.append_column(id_column, pa.array(ids, pa.string()))
-
-
-def _check_instructions(batch: pa.Table, context_length: int) -> pa.Table:
-    """Reject the queries whose instruction the text tower cannot take whole."""
-    tokenizer = Tokenizer(context_length)
-    status = batch.column("status").to_pylist()
-    reasons, details = batch.column("reason").to_pylist(), batch.column("detail").to_pylist()
-    for index, text in enumerate(batch.column("instruction").to_pylist()):
-        tokens = tokenizer.token_count(text or "")
-        if status[index] == NEW and tokens > context_length:
-            status[index], reasons[index] = REJECTED, "instruction_too_long"
-            details[index] = f"{tokens} tokens, over the limit of {context_length}"
-    for name, values in (("status", status), ("reason", reasons), ("detail", details)):
-        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
-    return batch
 
 
 class SearchWorker:
@@ -163,8 +156,7 @@ def run(config: RetrieveConfig) -> dict:
         dataset = dataset.map_batches(_add_query_ids, batch_format="pyarrow", fn_kwargs={"id_column": config.id_column})
     dataset = read_images(dataset, done, config.id_column)
     if not config.truncate_instructions:
-        dataset = dataset.map_batches(_check_instructions, batch_format="pyarrow",
-                                      fn_kwargs={"context_length": Tokenizer().context_length})
+        dataset = check_instructions(dataset)
     dataset = embed_images(dataset, config, info["image_size"])
     dataset = dataset.map_batches(
         SearchWorker, fn_constructor_kwargs={"db": config.db, "table": config.table, "k": config.k, "where": where,
@@ -193,11 +185,8 @@ def run(config: RetrieveConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(RetrieveConfig, argv, description=__doc__.splitlines()[0], prog="python -m jobs.retrieve")
-    init_ray()
-    summary = run(config)
-    print_summary(summary)
-    return summary
+    """Parse options, connect to Ray, retrieve, print and return the summary."""
+    return run_job(RetrieveConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.retrieve")
 
 
 if __name__ == "__main__":

@@ -115,11 +115,16 @@ def read_list(source: str) -> list[str]:
     return uris
 
 
+def table_dataset(table: pa.Table) -> ray.data.Dataset:
+    """A Dataset of an in-memory table's rows, in blocks of `PATHS_PER_BLOCK` (so reading and decoding
+    spread over tasks)."""
+    blocks = [table.slice(start, PATHS_PER_BLOCK) for start in range(0, max(table.num_rows, 1), PATHS_PER_BLOCK)]
+    return ray.data.from_arrow(blocks)
+
+
 def uris_dataset(uris: list[str]) -> ray.data.Dataset:
     """A Dataset with one `uri` row per entry, in blocks of `PATHS_PER_BLOCK`."""
-    table = pa.table({"uri": pa.array(uris, pa.string())})
-    blocks = [table.slice(start, PATHS_PER_BLOCK) for start in range(0, max(len(uris), 1), PATHS_PER_BLOCK)]
-    return ray.data.from_arrow(blocks)
+    return table_dataset(pa.table({"uri": pa.array(uris, pa.string())}))
 
 
 def read_source(source: str, source_format: SourceFormat = "auto",

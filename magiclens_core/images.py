@@ -111,3 +111,16 @@ def to_pixels(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     # np.asarray(PIL image) is read-only; torch.from_numpy warns on those, so copy when needed
     pixels = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+
+
+def crop_instance(image: Image.Image, box: tuple[float, float, float, float], dilate: float = 0.7) -> Image.Image:
+    """GeneCIS's instance crop: the box grown by `dilate` of its size up and left (clipped to the image),
+    `1 + dilate` times its size wide and high, then padded to a centred square with black."""
+    x, y, w, h = box
+    left, top = max(0.0, x - dilate * w), max(0.0, y - dilate * h)
+    right, bottom = min(image.width, left + (1 + dilate) * w), min(image.height, top + (1 + dilate) * h)
+    crop = image.crop((left, top, right, bottom))
+    side = max(crop.size)
+    square = Image.new("RGB", (side, side), (0, 0, 0))
+    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+    return square

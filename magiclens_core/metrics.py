@@ -17,7 +17,7 @@ Rankings = Mapping[str, Ranking]
 CirrTargets = Literal["hard", "soft"]
 
 RECALL_KS = {"circo": (5, 10, 25, 50), "cirr": (1, 2, 5, 10, 50), "fashioniq": (10, 50), "dtin": (10, 50),
-             "genecis": (1, 2, 3)}
+             "genecis": (1, 2, 3), "synthetic": (1, 5, 10)}
 MAP_KS = (5, 10, 25, 50)
 SUBSET_KS = (1, 2, 3)
 

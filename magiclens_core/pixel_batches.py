@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magiclens_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, to_pixels
+from magiclens_core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, crop_instance, load_image, to_pixels
 from magiclens_core.preprocess import PreprocessMode, prepare_pixels
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -28,15 +28,19 @@ def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
-def model_pixels(data: bytes, size: int, mode: PreprocessMode = "model",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> tuple[np.ndarray, int, int]:
-    """Decode one image and prepare it for the model: (uint8 [S,S,3], width, height).
+def model_pixels(data: bytes, size: int, mode: PreprocessMode = "model", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_size: int = 1, box: Sequence[float] | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode one image and prepare it for the model: (uint8 [S,S,3], width, height), the size being the
+    decoded image's. `box` ([x, y, w, h]) crops an instance first (`crop_instance`).
 
     Raises `ImageDecodeError` with a reason exactly as `load_image` does.
     """
     image = load_image(data, max_pixels=max_pixels, min_size=min_size)
+    width, height = image.size
+    if box is not None:
+        image = crop_instance(image, tuple(box))
     pixels = prepare_pixels(to_pixels(image), size, mode)
-    return _to_uint8(pixels).numpy(), image.width, image.height
+    return _to_uint8(pixels).numpy(), width, height
 
 
 def as_float_batch(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from benchmark_folders import FIXTURES, benchmark_folder, placeholder
 from test_model import TINY
 
-from jobs.evaluate import main
-from magiclens_core import MagicLens, save_model
+from jobs.evaluate import EvaluateConfig, embed_rows, image_rows, main
+from magiclens_core import Embedder, MagicLens, save_model
 from magiclens_core.benchmarks import load_benchmark
+from magiclens_core.pixel_batches import as_float_batch, model_pixels
 from magiclens_core.report import PAPER_RESULTS
+from magiclens_core.synthetic import SyntheticWorld
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_KEYS = {
@@ -28,7 +31,8 @@ EXPECTED_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, ray_cluster):
+    """A tiny model folder; runs with it embed on the session's Ray cluster."""
     path = tmp_path_factory.mktemp("model")
     save_model(MagicLens(TINY), path)
     return path
@@ -129,6 +133,54 @@ def test_test_split_writes_only_the_submission_files(name, folders, model_dir, t
     assert summary["metrics"] == {} and summary["split"] == "test"
     check_submission(load_benchmark(name, folders[name], "test"), tmp_path, summary["files"])
     assert "No ground truth on this split" in (tmp_path / "report.html").read_text()
+
+
+def test_pool_and_queries_embedded_on_ray_are_the_embedders_vectors_in_order(folders, model_dir):
+    """The Ray Data stages (decode tasks, `Embedder` actors) give each row the vector the in-process
+    `Embedder` gives the same pixels, GeneCIS instance crops included, whatever order batches come back in."""
+    genecis = load_benchmark("genecis", folders["genecis"])
+    ids = [*genecis.tasks[0].pool[:5], *genecis.tasks[1].pool[:40]][::-1]
+    assert any(genecis.images[i].box for i in ids) and any(not genecis.images[i].box for i in ids)
+    config = EvaluateConfig(benchmark="genecis", data=str(folders["genecis"]), model=str(model_dir), batch_size=4,
+                            workers=2, cpus_per_worker=0.5)
+    embedder = Embedder.load(model_dir)
+    refused: dict[str, str] = {}
+    vectors = embed_rows(image_rows(genecis, ids), config, embedder.model.image_size, embedder.dim, refused)
+    pixels = np.stack([model_pixels(genecis.images[i].path.read_bytes(), embedder.model.image_size,
+                                    box=genecis.images[i].box)[0] for i in ids])
+    assert refused == {}
+    np.testing.assert_allclose(vectors, embedder.embed_targets(as_float_batch(pixels)), atol=2e-5)
+
+    queries = genecis.tasks[1].queries[:6]
+    query_vectors = embed_rows(image_rows(genecis, [q.id for q in queries], [q.text for q in queries],
+                                          [q.reference for q in queries]),
+                               config, embedder.model.image_size, embedder.dim, refused)
+    pixels = np.stack([model_pixels(genecis.images[q.reference].path.read_bytes(), embedder.model.image_size)[0]
+                       for q in queries])
+    expected = embedder.embed_queries(as_float_batch(pixels), [q.text for q in queries])
+    np.testing.assert_allclose(query_vectors, expected, atol=2e-5)
+
+
+def test_the_synthetic_benchmark_scores_recall_at_1_5_10(model_dir, tmp_path):
+    root = SyntheticWorld(seed=3).write_benchmark(tmp_path / "bench", 12, pool_size=30)
+    summary = run("--benchmark", "synthetic", "--data", root, "--model", model_dir, "--out", tmp_path / "out",
+                  "--report-samples", 3)
+    metrics = summary["metrics"]
+    assert set(metrics) == {f"{t}/R@{k}" for t in ("synthetic", "average") for k in (1, 5, 10)}
+    assert summary["pool_size"] == 30 and summary["queries"] == 12
+    assert metrics["synthetic/R@1"] <= metrics["synthetic/R@5"] <= metrics["synthetic/R@10"]
+    predictions = tmp_path / "out" / "synthetic_val_predictions.json"
+    assert run("--benchmark", "synthetic", "--data", root, "--predictions", predictions)["metrics"] == metrics
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count('class="query"') == 3 and "data:image/jpeg;base64," in page
+
+    bench = load_benchmark("synthetic", root)
+    oracle = {q.id: [q.target] + [i for i in bench.tasks[0].pool if i != q.target] for q in bench.queries}
+    reverse = {q.id: ranking[::-1] for q, ranking in zip(bench.queries, oracle.values(), strict=True)}
+    for name, ranking, expected in [("oracle", oracle, 100.0), ("reverse", reverse, 0.0)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(ranking))
+        scored = run("--benchmark", "synthetic", "--data", root, "--predictions", tmp_path / f"{name}.json")
+        assert scored["metrics"]["synthetic/R@10"] == expected
 
 
 def test_scoring_only_from_the_command_line(tmp_path):

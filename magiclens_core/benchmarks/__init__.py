@@ -11,7 +11,7 @@ from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 
-from magiclens_core.benchmarks import circo, cirr, dtin, fashioniq, genecis
+from magiclens_core.benchmarks import circo, cirr, dtin, fashioniq, genecis, synthetic
 from magiclens_core.benchmarks.base import (
     Benchmark,
     BenchmarkDataError,
@@ -29,6 +29,7 @@ LOADERS: dict[str, Callable[[Path, str], Benchmark]] = {
     "fashioniq": fashioniq.load,
     "dtin": dtin.load,
     "genecis": genecis.load,
+    "synthetic": synthetic.load,
 }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from magiclens_core.images import load_image
+from magiclens_core.images import crop_instance, load_image
 
 ImageId = str
 
@@ -20,10 +20,19 @@ class BenchmarkDataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where an image lives; `box` ([x, y, w, h]) marks an instance to crop (GeneCIS attribute tasks)."""
+    """Where an image lives; `box` ([x, y, w, h]) marks an instance to crop (GeneCIS attribute tasks).
+
+    `data` holds the encoded image when the benchmark keeps its images inside its files (the synthetic
+    benchmark); `path` then only names it in messages.
+    """
 
     path: Path
     box: tuple[float, float, float, float] | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def exists(self) -> bool:
+        return self.data is not None or self.path.is_file()
 
 
 @dataclass(frozen=True)
@@ -97,20 +106,7 @@ def check_split(benchmark: str, split: str, known: tuple[str, ...]) -> None:
         raise BenchmarkDataError(f"{benchmark} has no split {split!r}; choose from {', '.join(known)}")
 
 
-def crop_instance(image: Image.Image, box: tuple[float, float, float, float], dilate: float = 0.7) -> Image.Image:
-    """GeneCIS's instance crop: the box grown by `dilate` of its size up and left (clipped to the image),
-    `1 + dilate` times its size wide and high, then padded to a centred square with black."""
-    x, y, w, h = box
-    left, top = max(0.0, x - dilate * w), max(0.0, y - dilate * h)
-    right, bottom = min(image.width, left + (1 + dilate) * w), min(image.height, top + (1 + dilate) * h)
-    crop = image.crop((left, top, right, bottom))
-    side = max(crop.size)
-    square = Image.new("RGB", (side, side), (0, 0, 0))
-    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
-    return square
-
-
 def open_image(ref: ImageRef) -> Image.Image:
     """Decode a benchmark image (cropped when it has a box); raises `ImageDecodeError` with its path."""
-    image = load_image(ref.path)
+    image = load_image(ref.data if ref.data is not None else ref.path)
     return crop_instance(image, ref.box) if ref.box is not None else image
