@@ -48,8 +48,13 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def save_model(model: MagicLens, directory: str | PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `model` as a model folder; returns the folder. `metadata` lands in config.json."""
+def save_model(model: MagicLens, directory: str | PathLike, metadata: dict[str, Any] | None = None,
+               model_id: str | None = None) -> Path:
+    """Write `model` as a model folder; returns the folder. `metadata` lands in config.json.
+
+    The folder's `model_id` is derived from the weights' sha256 unless `model_id` is given (a conversion
+    keeps the id of the weights it converts, so tables embedded with either are interchangeable).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -59,7 +64,7 @@ def save_model(model: MagicLens, directory: str | PathLike, metadata: dict[str, 
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "model_id": f"magiclens-{model.config.name}-{digest[:12]}",
+        "model_id": model_id or f"magiclens-{model.config.name}-{digest[:12]}",
         "weights_sha256": digest,
         "config": model.config.to_dict(),
         "metadata": metadata or {},

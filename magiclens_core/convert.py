@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save_model(model, args.out_dir, metadata={"converted_from": args.checkpoint.name,
-                                              "official_model_id": model.model_id})
+    # the same weights keep the same id: a table embedded with the .pkl accepts the folder, and back
+    save_model(model, args.out_dir, metadata={"converted_from": args.checkpoint.name}, model_id=model.model_id)
     print(json.dumps({"model_id": read_model_info(args.out_dir)["model_id"], "size": model.config.name,
                       "embed_dim": model.embed_dim, "out_dir": str(args.out_dir)}))
     return 0
