@@ -421,11 +421,14 @@ def _pq_sub_vectors(dim: int) -> int:
     return dim
 
 
-def _candidates(kind: str, partitions: int) -> list[list[dict[str, int]]]:
-    """Search parameters to try: groups along which the cost (and recall) grows."""
+def _candidates(kind: str, partitions: int) -> list[list[dict[str, int | None]]]:
+    """Search parameters to try: groups along which the cost (and recall) grows. HNSW over scalar-quantised
+    vectors can top out under the target recall whatever `ef`; re-ranking the candidates on the full vectors
+    (`refine_factor`) lifts that ceiling, so those groups come last."""
     if kind.replace("_", "").upper().startswith("IVFHNSW"):
         probes = sorted({p for p in (1, 2, 4, partitions) if p <= partitions})
-        return [[{"nprobes": nprobes, "ef": ef} for ef in (16, 32, 64, 128, 256, 512)] for nprobes in probes]
+        return [[{"nprobes": nprobes, "ef": ef, "refine_factor": refine} for ef in (16, 32, 64, 128, 256, 512)]
+                for refine in (None, 2, 5) for nprobes in probes]
     probes = [p for p in (5, 10, 20, 40, 80, 160, 320) if p < partitions] + [partitions]
     return [[{"nprobes": nprobes, "refine_factor": refine} for nprobes in probes] for refine in (1, 2, 5, 10)]
 
