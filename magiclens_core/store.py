@@ -248,8 +248,8 @@ class ImageTable:
             query = query.nprobes(params.nprobes)
         if params.refine_factor:
             query = query.refine_factor(params.refine_factor)
-        if params.ef:
-            query = query.ef(max(params.ef, k))
+        if params.ef:  # HNSW must explore at least the candidates asked of it (k, times the refine factor)
+            query = query.ef(max(params.ef, k * (params.refine_factor or 1)))
         return query
 
     def search(self, vector: np.ndarray, k: int = 10, filter: str | Filter | None = None, column: str = VECTOR,
