@@ -26,8 +26,8 @@ import ray
 import torch
 from ray.data.extensions import ArrowTensorArray
 
-from jobs.sources import read_uri
 from magiclens_core import Embedder, ImageDecodeError
+from magiclens_core.image_sources import read_uri
 from magiclens_core.images import DEFAULT_MAX_PIXELS
 from magiclens_core.pixel_batches import as_float_batch, decode_on_device, model_pixels
 from magiclens_core.tokenizer import Tokenizer

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from magiclens_core.image_sources import filesystem_of, read_uri
+
 SourceFormat = Literal["auto", "files", "list", "parquet", "lance"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".jfif", ".pjpeg", ".pjp",
@@ -33,24 +35,11 @@ class Listing:
     skipped_files: int = 0
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
 def _full_uri(original: str, path: str) -> str:
     """A listed path as a URI in the same scheme the user gave."""
     if "://" not in original:
         return path
     return original.split("://", 1)[0] + "://" + path
-
-
-def read_uri(uri: str) -> bytes:
-    """The bytes behind a local path or a pyarrow-filesystem URI."""
-    filesystem, path = _filesystem(uri)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.readall()
 
 
 def _detect(source: str) -> SourceFormat:
@@ -62,7 +51,7 @@ def _detect(source: str) -> SourceFormat:
     if stripped.lower().endswith(LIST_EXTENSIONS):
         return "list"
     if not any(char in source for char in "*?["):
-        filesystem, path = _filesystem(source)
+        filesystem, path = filesystem_of(source)
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"image source not found: {source}")
@@ -82,7 +71,7 @@ def list_files(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> t
     if any(char in source for char in "*?["):
         base = source[:min(source.index(char) for char in "*?[" if char in source)].rsplit("/", 1)[0] or "/"
         pattern = source
-    filesystem, root = _filesystem(base)
+    filesystem, root = filesystem_of(base)
     entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
     found, skipped = [], 0
     for entry in entries:
