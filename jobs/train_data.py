@@ -17,7 +17,7 @@ import torch
 
 from magiclens_core.image_sources import load_image_source, read_source
 from magiclens_core.images import ImageDecodeError, to_pixels
-from magiclens_core.pixel_batches import model_pixels
+from magiclens_core.pixel_batches import model_pixels, to_uint8
 from magiclens_core.preprocess import resize
 from magiclens_core.tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ def image_to_model_pixels(value, image_size: int, crop_min: float, rng: np.rando
     if crop_min >= 1.0:
         return model_pixels(read_source(value), image_size)[0]
     cropped = random_square_crop(to_pixels(load_image_source(value)), crop_min, rng)
-    return resize(cropped, image_size).mul(255.0).round_().clamp_(0, 255).to(torch.uint8).movedim(0, -1).numpy()
+    return to_uint8(resize(cropped, image_size)).numpy()
 
 
 def decode_triplets(batch: dict[str, np.ndarray], image_size: int, context_length: int = 77,

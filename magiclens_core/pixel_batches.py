@@ -23,7 +23,7 @@ from magiclens_core.preprocess import PreprocessMode, prepare_pixels
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[...,3,S,S] floats in [0,1] → [...,S,S,3] uint8 (rounded)."""
     return pixels.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).movedim(-3, -1)
 
@@ -40,7 +40,7 @@ def model_pixels(data: bytes, size: int, mode: PreprocessMode = "model", max_pix
     if box is not None:
         image = crop_instance(image, tuple(box))
     pixels = prepare_pixels(to_pixels(image), size, mode)
-    return _to_uint8(pixels).numpy(), width, height
+    return to_uint8(pixels).numpy(), width, height
 
 
 def as_float_batch(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
