@@ -18,4 +18,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) tests/benchmarks/embedder_throughput.py
+	$(PY) tests/perf/embedder_throughput.py

@@ -5,7 +5,7 @@
     python -m jobs.evaluate --benchmark circo --data ROOT --predictions P.json [--split val]
 
 With a model it embeds the queries and the pool with the shared `Embedder` through the indexing job's Ray
-Data stages (`jobs.embedding`), ranks the pool by exact cosine similarity, and writes `metrics.json`, the
+Data stages (`jobs.stages.embed`), ranks the pool by exact cosine similarity, and writes `metrics.json`, the
 benchmark's submission files and `report.html` to `--out`. With `--predictions` (one file or several,
 e.g. CIRR's recall and recall_subset files) it only scores them, without Ray. Either way the last output
 line is the JSON summary.
@@ -26,13 +26,13 @@ import pyarrow as pa
 import torch
 
 from jobs.common import init_ray, parse_config, print_summary
-from jobs.embedding import NEW, EmbedOptions, check_instructions, embed_images, model_info, read_images
-from jobs.sources import table_dataset
-from magiclens_core.benchmarks import Benchmark, BenchmarkDataError, load_benchmark
-from magiclens_core.benchmarks.predictions import SUBMISSION_DEPTH, rankings_from_files, write_predictions
-from magiclens_core.metrics import PredictionError, score
-from magiclens_core.ranking import rank_candidates, rank_pool
-from magiclens_core.report import write_report
+from jobs.stages.embed import NEW, EmbedOptions, check_instructions, embed_images, model_info, read_images
+from jobs.stages.sources import table_dataset
+from magiclens_core.evaluation.benchmarks import Benchmark, BenchmarkDataError, load_benchmark
+from magiclens_core.evaluation.benchmarks.predictions import SUBMISSION_DEPTH, rankings_from_files, write_predictions
+from magiclens_core.evaluation.metrics import PredictionError, score
+from magiclens_core.evaluation.ranking import rank_candidates, rank_pool
+from magiclens_core.evaluation.report import write_report
 
 Rankings = dict[str, list[str]]
 

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 import ray
 
 from jobs.common import run_job
-from jobs.embedding import NEW, PRESENT, REJECTED, EmbedOptions, embed_images, model_info, read_images
-from jobs.sources import IMAGE_EXTENSIONS, SourceFormat, read_source
-from magiclens_core.store import CLIP_VECTOR, VECTOR, ImageTable, image_schema, index_table, metadata_fields
+from jobs.stages.embed import NEW, PRESENT, REJECTED, EmbedOptions, embed_images, model_info, read_images
+from jobs.stages.sources import IMAGE_EXTENSIONS, SourceFormat, read_source
+from magiclens_core.search.store import CLIP_VECTOR, VECTOR, ImageTable, image_schema, index_table, metadata_fields
 
 OUTCOME_COLUMNS = ("status", "reason", "detail")
 

@@ -4,7 +4,7 @@
 
 `--queries` is a Parquet (or Lance) dataset with one row per query: the query image as `image` bytes or a
 `uri`, an `instruction`, and optionally a `query_id` column (else the id is a hash of the image's uri or
-bytes and the instruction). Queries go through the same stages as indexing (`jobs.embedding`: read, decode,
+bytes and the instruction). Queries go through the same stages as indexing (`jobs.stages.embed`: read, decode,
 `Embedder` actors) and are searched by a pool of actors with the table's tuned parameters, as the server
 does, so both return the same ids for the same query.
 
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from jobs.common import run_job
-from jobs.embedding import (
+from jobs.stages.embed import (
     NEW,
     PRESENT,
     REJECTED,
@@ -41,9 +41,9 @@ from jobs.embedding import (
     model_info,
     read_images,
 )
-from jobs.sources import read_source
-from magiclens_core.filters import Filter, column_kinds, parse_filter
-from magiclens_core.store import ImageTable
+from jobs.stages.sources import read_source
+from magiclens_core.search.filters import Filter, column_kinds, parse_filter
+from magiclens_core.search.store import ImageTable
 
 OUTPUT_COLUMNS = ("query_id", "uri", "instruction", "ids", "scores")
 REJECT_COLUMNS = ("query_id", "uri", "instruction", "reason", "detail")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from jobs.common import init_ray, parse_config, print_summary
-from jobs.training import TrainConfig, cpus_needed, run_training
+from jobs.train_loop import TrainConfig, cpus_needed, run_training
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,19 +1,32 @@
 """MagicLens core library: model, official-weight loading, preprocessing and the one embedding path.
 
-Ray-free: jobs and the server build on it.
+Ray-free: jobs and the server build on it. The names below are imported on first use, so that
+`from magiclens_core import load_image, ImageDecodeError` does not import torch or open_clip.
 """
 
-from magiclens_core.backbone import create_model
-from magiclens_core.checkpoint import load_model, save_model
-from magiclens_core.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
-from magiclens_core.embedder import Embedder
-from magiclens_core.errors import BackboneWeightsUnavailable, CheckpointError
-from magiclens_core.images import ImageDecodeError, load_image
-from magiclens_core.model import MagicLens
-from magiclens_core.official import load_official_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "NAMED_CONFIGS": "magiclens_core.model.config",
+    "ClipConfig": "magiclens_core.model.config",
+    "HeadConfig": "magiclens_core.model.config",
+    "MagicLensConfig": "magiclens_core.model.config",
+    "BackboneWeightsUnavailable": "magiclens_core.errors",
+    "CheckpointError": "magiclens_core.errors",
+    "ImageDecodeError": "magiclens_core.images.decode",
+    "load_image": "magiclens_core.images.decode",
+    "MagicLens": "magiclens_core.model.magiclens",
+    "Embedder": "magiclens_core.embedder",
+    "create_model": "magiclens_core.weights.backbone",
+    "load_model": "magiclens_core.weights.folder",
+    "save_model": "magiclens_core.weights.folder",
+    "load_official_checkpoint": "magiclens_core.weights.official",
+}
 
 __all__ = [
-    "NAMED_CONFIGS",
     "BackboneWeightsUnavailable",
     "CheckpointError",
     "ClipConfig",
@@ -22,9 +35,29 @@ __all__ = [
     "ImageDecodeError",
     "MagicLens",
     "MagicLensConfig",
+    "NAMED_CONFIGS",
     "create_model",
     "load_image",
     "load_model",
     "load_official_checkpoint",
     "save_model",
 ]
+
+if TYPE_CHECKING:
+    from magiclens_core.embedder import Embedder
+    from magiclens_core.errors import BackboneWeightsUnavailable, CheckpointError
+    from magiclens_core.images.decode import ImageDecodeError, load_image
+    from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
+    from magiclens_core.model.magiclens import MagicLens
+    from magiclens_core.weights.backbone import create_model
+    from magiclens_core.weights.folder import load_model, save_model
+    from magiclens_core.weights.official import load_official_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'magiclens_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from magiclens_core.checkpoint import read_model_info, save_model
 from magiclens_core.errors import CheckpointError
-from magiclens_core.official import load_official_checkpoint
+from magiclens_core.weights.folder import read_model_info, save_model
+from magiclens_core.weights.official import load_official_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magiclens_core.checkpoint import load_model
-from magiclens_core.images import to_pixels
-from magiclens_core.model import MagicLens, l2_normalize
-from magiclens_core.preprocess import PreprocessMode, prepare_pixels
+from magiclens_core.images.decode import to_pixels
+from magiclens_core.images.preprocess import PreprocessMode, prepare_pixels
+from magiclens_core.model.magiclens import MagicLens, l2_normalize
+from magiclens_core.weights.folder import load_model
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from magiclens_core.retrieval_set import RetrievalSet
+from magiclens_core.evaluation.retrieval_set import RetrievalSet
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),

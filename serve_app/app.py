@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magiclens_core import ImageDecodeError
-from magiclens_core.image_sources import load_image_source
+from magiclens_core.images.sources import load_image_source
 from serve_app.config import AppConfig
 from serve_app.encoder import QueryEncoder, image_error
 from serve_app.live_table import LiveTable

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from magiclens_core.images import DEFAULT_MAX_PIXELS
+from magiclens_core.images.decode import DEFAULT_MAX_PIXELS
 
 
 class AppConfig(BaseModel):

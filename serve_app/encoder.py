@@ -13,9 +13,9 @@ import torch
 from ray import serve
 
 from magiclens_core import Embedder, ImageDecodeError
-from magiclens_core.filters import Filter
-from magiclens_core.image_sources import read_source
-from magiclens_core.pixel_batches import as_float_batch, model_pixels
+from magiclens_core.images.pixels import as_float_batch, model_pixels
+from magiclens_core.images.sources import read_source
+from magiclens_core.search.filters import Filter
 from serve_app.config import AppConfig
 from serve_app.live_table import LiveTable
 from serve_app.schemas import ApiError

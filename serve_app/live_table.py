@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from magiclens_core.filters import ColumnKind, column_kinds
-from magiclens_core.store import CLIP_VECTOR, VECTOR, ImageTable, SearchParams
+from magiclens_core.search.filters import ColumnKind, column_kinds
+from magiclens_core.search.store import CLIP_VECTOR, VECTOR, ImageTable, SearchParams
 from serve_app.schemas import ApiError
 
 VECTOR_COLUMNS = (VECTOR, CLIP_VECTOR)

@@ -18,8 +18,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from magiclens_core.filters import ColumnKind, Filter, FilterError, parse_filter
-from magiclens_core.tokenizer import Tokenizer
+from magiclens_core.model.tokenizer import Tokenizer
+from magiclens_core.search.filters import ColumnKind, Filter, FilterError, parse_filter
 from serve_app.config import AppConfig
 
 FORM_FIELDS = ("image", "image_id", "instruction", "k", "filter")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from magiclens_core.benchmarks import load_benchmark
+from magiclens_core.evaluation.benchmarks import load_benchmark
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 SPLITS = {"circo": ("val", "test"), "cirr": ("val", "test")}

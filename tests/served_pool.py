@@ -53,7 +53,7 @@ def index_folder(folder: Path, db: str, table: str) -> dict:
 
 def file_ids(paths: list[Path]) -> dict[str, Path]:
     """The ids the indexing job gives these files (content hashes)."""
-    from jobs.embedding import content_id
+    from magiclens_core.images.identity import content_id
 
     return {content_id(path.read_bytes()): path for path in paths}
 

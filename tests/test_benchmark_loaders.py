@@ -6,7 +6,7 @@ import pytest
 from benchmark_folders import FIXTURES, benchmark_folder, placeholder
 from PIL import Image
 
-from magiclens_core.benchmarks import BenchmarkDataError, ImageRef, crop_instance, load_benchmark, open_image
+from magiclens_core.evaluation.benchmarks import BenchmarkDataError, ImageRef, crop_instance, load_benchmark, open_image
 
 
 def by_id(benchmark):

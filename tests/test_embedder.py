@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from magiclens_core import Embedder, save_model
-from magiclens_core.checkpoint import read_model_info
+from magiclens_core.weights.folder import read_model_info
 
 
 @pytest.fixture(scope="module")

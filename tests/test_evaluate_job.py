@@ -14,9 +14,9 @@ from test_model import TINY
 
 from jobs.evaluate import EvaluateConfig, embed_rows, image_rows, main
 from magiclens_core import Embedder, MagicLens, save_model
-from magiclens_core.benchmarks import load_benchmark
-from magiclens_core.pixel_batches import as_float_batch, model_pixels
-from magiclens_core.report import PAPER_RESULTS
+from magiclens_core.evaluation.benchmarks import load_benchmark
+from magiclens_core.evaluation.report import PAPER_RESULTS
+from magiclens_core.images.pixels import as_float_batch, model_pixels
 from magiclens_core.synthetic import SyntheticWorld
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The metadata filter language (magiclens_core.filters) and its rendering for LanceDB (store.filter_sql),
+"""The metadata filter language (magiclens_core.search.filters) and its rendering for LanceDB (store.filter_sql),
 checked against a real table: every value, quote and keyword stays data."""
 
 from __future__ import annotations
@@ -7,8 +7,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from magiclens_core.filters import And, Comparison, FilterError, InList, IsNull, Not, Or, column_kinds, parse_filter
-from magiclens_core.store import ImageTable, image_schema
+from magiclens_core.search.filters import (
+    And,
+    Comparison,
+    FilterError,
+    InList,
+    IsNull,
+    Not,
+    Or,
+    column_kinds,
+    parse_filter,
+)
+from magiclens_core.search.store import ImageTable, image_schema
 
 COLUMNS = {"caption": "string", "n": "number", "ok": "bool", "select": "string", "x": "number"}
 

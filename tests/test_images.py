@@ -1,4 +1,4 @@
-"""Tests for magiclens_core.images: a corpus of awkward files built in tmp_path, nothing shipped."""
+"""Tests for magiclens_core.images.decode: a corpus of awkward files built in tmp_path, nothing shipped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from magiclens_core.images import ImageDecodeError, load_image, to_pixels
+from magiclens_core.images.decode import ImageDecodeError, load_image, to_pixels
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -376,7 +376,7 @@ def test_to_pixels_read_only_input_does_not_warn():
     script = (
         "import numpy as np\n"
         "from PIL import Image\n"
-        "from magiclens_core.images import to_pixels\n"
+        "from magiclens_core.images.decode import to_pixels\n"
         "array = np.zeros((2, 3, 3), dtype=np.uint8)\n"
         "array.setflags(write=False)\n"
         "assert to_pixels(array).shape == (3, 2, 3)\n"

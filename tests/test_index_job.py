@@ -21,10 +21,10 @@ from PIL import Image
 from test_images import encode, png_claiming_size
 from test_model import TINY
 
-from jobs.embedding import content_id
 from jobs.index import main
-from jobs.sources import list_files, read_list
+from jobs.stages.sources import list_files, read_list
 from magiclens_core import Embedder, MagicLens, load_image, save_model
+from magiclens_core.images.identity import content_id
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = 120

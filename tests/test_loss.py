@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from magiclens_core.loss import ContrastiveLoss
+from magiclens_core.learning.loss import ContrastiveLoss
 
 QUERIES = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 TARGETS = torch.tensor([[0.6, 0.8], [0.0, 1.0]])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from benchmark_folders import benchmark_folder
 
-from magiclens_core.benchmarks import load_benchmark
-from magiclens_core.metrics import (
+from magiclens_core.evaluation.benchmarks import load_benchmark
+from magiclens_core.evaluation.metrics import (
     PredictionError,
     average_precision_at_k,
     check_rankings,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magiclens_core import MagicLens, MagicLensConfig, create_model
-from magiclens_core.config import NAMED_CONFIGS, ClipConfig, HeadConfig
+from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig
 
 TINY = MagicLensConfig(
     clip=ClipConfig(embed_dim=32, image_size=64, vision_width=64, vision_layers=1, vision_heads=2,

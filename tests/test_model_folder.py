@@ -13,7 +13,9 @@ import pytest
 import torch
 from official_format import FIXTURE_PKL, write_official
 
-from magiclens_core.checkpoint import (
+from magiclens_core.errors import CheckpointError
+from magiclens_core.model.config import MagicLensConfig
+from magiclens_core.weights.folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     file_sha256,
@@ -21,9 +23,7 @@ from magiclens_core.checkpoint import (
     read_model_info,
     save_model,
 )
-from magiclens_core.config import MagicLensConfig
-from magiclens_core.errors import CheckpointError
-from magiclens_core.official import load_official_checkpoint, read_official_arrays
+from magiclens_core.weights.official import load_official_checkpoint, read_official_arrays
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from official_format import FIXTURE_DIR, FIXTURE_PKL, official_bytes, write_official
 
-from magiclens_core.config import NAMED_CONFIGS
 from magiclens_core.errors import CheckpointError
-from magiclens_core.model import MagicLens
-from magiclens_core.official import (
+from magiclens_core.model.config import NAMED_CONFIGS
+from magiclens_core.model.magiclens import MagicLens
+from magiclens_core.weights.official import (
     _official_shapes,
     infer_config,
     load_official_checkpoint,

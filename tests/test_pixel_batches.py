@@ -1,4 +1,4 @@
-"""Decoding for pipelines (magiclens_core.pixel_batches): CPU model pixels and the batched nvJPEG path, which
+"""Decoding for pipelines (magiclens_core.images.pixels): CPU model pixels and the batched nvJPEG path, which
 falls back to PIL and runs with torchvision's CPU decoder where there is no GPU."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from test_images import encode, png_claiming_size
 
-from magiclens_core.images import ImageDecodeError, load_image, to_pixels
-from magiclens_core.pixel_batches import as_float_batch, check_header, decode_on_device, model_pixels
-from magiclens_core.preprocess import prepare_pixels
+from magiclens_core.images.decode import ImageDecodeError, load_image, to_pixels
+from magiclens_core.images.pixels import as_float_batch, check_header, decode_on_device, model_pixels
+from magiclens_core.images.preprocess import prepare_pixels
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from magiclens_core.preprocess import CLIP_MEAN, CLIP_STD, official_eval_pixels, prepare_pixels
+from magiclens_core.images.preprocess import CLIP_MEAN, CLIP_STD, official_eval_pixels, prepare_pixels
 
 SIZE = 224
 

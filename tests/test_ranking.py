@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from magiclens_core.ranking import rank_candidates, rank_pool
+from magiclens_core.evaluation.ranking import rank_candidates, rank_pool
 
 
 def brute_force(queries, pool, ids, k, exclude=None):

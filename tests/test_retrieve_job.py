@@ -9,7 +9,7 @@ import pytest
 from served_pool import shared_pool, start_app, stop_app
 
 from jobs import retrieve
-from magiclens_core.filters import FilterError
+from magiclens_core.search.filters import FilterError
 from serve_app.client import MagicLensClient
 
 K = 5

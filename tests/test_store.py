@@ -1,4 +1,4 @@
-"""The LanceDB image table (magiclens_core.store): schema, appends, exact and tuned ANN search, rejects."""
+"""The LanceDB image table (magiclens_core.search.store): schema, appends, exact and tuned ANN search, rejects."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from magiclens_core.store import SEARCH_KEY, ImageTable, image_schema, index_table
+from magiclens_core.search.store import SEARCH_KEY, ImageTable, image_schema, index_table
 
 
 def unit(rows: int, dim: int, seed: int = 0) -> np.ndarray:

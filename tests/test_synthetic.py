@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from magiclens_core.retrieval_set import from_triplets, read_retrieval_set, recall_at_k
+from magiclens_core.evaluation.retrieval_set import from_triplets, read_retrieval_set, recall_at_k
 from magiclens_core.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,

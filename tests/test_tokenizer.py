@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from magiclens_core.tokenizer import Tokenizer
+from magiclens_core.model.tokenizer import Tokenizer
 
 EOT = 49407
 

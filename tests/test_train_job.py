@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from jobs.common import parse_config
-from jobs.train_data import decode_triplets, training_dataset
-from jobs.training import FAULT_ENV, TrainConfig, total_steps
+from jobs.stages.triplets import decode_triplets, training_dataset
+from jobs.train_loop import FAULT_ENV, TrainConfig, total_steps
 from magiclens_core import Embedder, MagicLens, MagicLensConfig, load_image, load_model, save_model
-from magiclens_core.config import ClipConfig, HeadConfig
-from magiclens_core.retrieval_set import evaluate_retrieval, read_retrieval_set
+from magiclens_core.evaluation.retrieval_set import evaluate_retrieval, read_retrieval_set
+from magiclens_core.learning.learner import Learner, initial_model, set_trainable, to_unit_pixels, warmup_cosine
+from magiclens_core.model.config import ClipConfig, HeadConfig
 from magiclens_core.synthetic import SyntheticWorld
-from magiclens_core.training import Learner, initial_model, set_trainable, to_unit_pixels, warmup_cosine
 
 MICRO = MagicLensConfig(
     clip=ClipConfig(embed_dim=32, image_size=64, vision_width=64, vision_layers=1, vision_heads=2,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from served_pool import shared_pool, start_app, stop_app
 
-from magiclens_core.store import ImageTable
+from magiclens_core.search.store import ImageTable
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

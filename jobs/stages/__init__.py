@@ -1,0 +1,1 @@
+"""The Ray Data stages the jobs compose: sources, image reading and embedding, triplets."""

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, ranking, metrics, retrieval sets and the HTML report."""

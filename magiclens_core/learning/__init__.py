@@ -1,0 +1,1 @@
+"""Learning: the contrastive loss and the Ray-free learner."""

@@ -1,0 +1,1 @@
+"""The MagicLens network: configs, layers, the model and its tokenizer."""

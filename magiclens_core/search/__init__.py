@@ -1,0 +1,1 @@
+"""Search: the metadata filter language and the LanceDB image table."""

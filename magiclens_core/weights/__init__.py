@@ -1,0 +1,1 @@
+"""Weights on disk: the official release's .pkl, this project's model folder, open_clip backbones."""
