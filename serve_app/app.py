@@ -31,6 +31,7 @@ from magiclens_core import ImageDecodeError
 from magiclens_core.images.sources import load_image_source
 from serve_app.config import AppConfig
 from serve_app.encoder import QueryEncoder, image_error
+from serve_app.health import WorkerThreads
 from serve_app.live_table import LiveTable
 from serve_app.schemas import (
     ApiError,
@@ -41,12 +42,12 @@ from serve_app.schemas import (
     SearchResponse,
     body_limit,
     read_body,
-    request_from_form,
-    request_from_json,
 )
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 LISTING_LIMIT = 200
+MAX_OFFSET = 2**63 - 1
+RETRY_AFTER_S = 1
 TRANSIENT = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 logger = logging.getLogger("ray.serve")
 
@@ -69,7 +70,7 @@ def authorize(request: Request) -> None:
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": str(RETRY_AFTER_S)}}.get(err.status)
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -102,7 +103,8 @@ _SEARCH_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@serve.deployment(name="SearchIngress", num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="SearchIngress", num_replicas=2, max_ongoing_requests=256, health_check_period_s=2,
+                  health_check_timeout_s=10, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class SearchIngress:
     """HTTP in, checks, one call to the encoder deployment (retried while a replica is being replaced)."""
@@ -112,6 +114,8 @@ class SearchIngress:
         self.config = config
         self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
         self.checker = QueryChecker(config)
+        self.threads = WorkerThreads()
+        self.policy = config.uri_policy()
         self.page = PAGE.read_text()
         api.state.api_key = config.api_key
 
@@ -121,13 +125,9 @@ class SearchIngress:
             raise ApiError(415, "unsupported_media_type",
                            "send application/json or multipart/form-data (an `image` file part)")
         body = await read_body(request, body_limit(self.config))
-        image = None
-        if content_type == "application/json":
-            search = request_from_json(body)
-        else:
-            search, image = await request_from_form(request.headers, body, self.config.max_image_bytes)
         await self.live.fresh()
-        return self.checker.check(search, image, self.live.filter_columns)
+        return await self.threads.run(self.checker.read, content_type, request.headers, body,
+                                      self.live.filter_columns)
 
     async def _encode(self, query: CheckedQuery) -> dict[str, Any]:
         deadline = time.monotonic() + self.config.retry_s
@@ -160,23 +160,27 @@ class SearchIngress:
 
     @api.get("/v1/images", responses=ERRORS, dependencies=[Depends(authorize)])
     async def list_images(self, limit: int = Query(24, ge=1, le=LISTING_LIMIT),
-                          offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                          offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict[str, Any]:
         """A page of the table's images (ids, uris and metadata), in storage order, and the table's size."""
         table = await self.live.fresh()
-        rows = await asyncio.to_thread(table.head, limit, offset, self.live.result_columns)
-        return {"images": rows.to_pylist(), "total": table.count(), "offset": offset}
+        total = await self.threads.run(table.count)
+        rows = []
+        if offset < total:
+            rows = (await self.threads.run(table.head, limit, offset, self.live.result_columns)).to_pylist()
+        return {"images": rows, "total": total, "offset": offset}
 
     @api.get("/v1/images/{image_id}", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
              response_class=Response, dependencies=[Depends(authorize)])
     async def image(self, image_id: str, side: int | None = Query(None, ge=16, le=2048)) -> Response:
-        """The image the table names by this id, as a JPEG whose longest side is at most `side` pixels."""
+        """The image the table names by this id, as a JPEG whose longest side is at most `side` pixels (404
+        `uri_not_allowed` when its stored uri is outside `allowed_uri_prefixes`)."""
         uri = await self.live.image_uri(image_id)
-        data = await asyncio.to_thread(self._thumbnail, uri, side or self.config.thumbnail_side)
+        data = await self.threads.run(self._thumbnail, uri, side or self.config.thumbnail_side)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def _thumbnail(self, uri: str, side: int) -> bytes:
         try:
-            image = load_image_source(uri, max_pixels=self.config.max_pixels)
+            image = load_image_source(uri, self.policy, max_pixels=self.config.max_pixels)
         except ImageDecodeError as err:
             raise image_error(err) from err
         image.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -189,7 +193,8 @@ class SearchIngress:
         """The model, the table (rows, version, search parameters, filterable columns) and the limits."""
         table = await self.live.fresh()
         encoder = await self.encoder.info.remote()
-        return {"model": encoder, "table": {"name": table.name, "rows": table.count(), "version": table.version,
+        rows = await self.threads.run(table.count)
+        return {"model": encoder, "table": {"name": table.name, "rows": rows, "version": table.version,
                                             "search": dataclasses.asdict(self.live.params),
                                             "filter_columns": self.live.filter_columns},
                 "limits": {"default_k": self.config.default_k, "max_k": self.config.max_k,
@@ -201,6 +206,11 @@ class SearchIngress:
     async def healthz(self) -> dict[str, str]:
         """Liveness: answers without a key."""
         return {"status": "ok"}
+
+    async def check_health(self) -> None:
+        """Serve's health check: it runs on the replica's event loop, so a blocked loop fails it by Serve's
+        timeout, and it fails when a worker thread is stuck on one call."""
+        self.threads.check()
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:

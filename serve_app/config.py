@@ -5,11 +5,14 @@ Unknown keys are refused, so a typo fails at deploy time instead of being silent
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from magiclens_core.images.decode import DEFAULT_MAX_PIXELS
+from magiclens_core.images.sources import UriPolicy
+from magiclens_core.model.precision import Precision
 
 
 class AppConfig(BaseModel):
@@ -22,7 +25,7 @@ class AppConfig(BaseModel):
     table: str = Field(description="image table written by jobs.index")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when Ray gave the replica a GPU (ray_actor_options.num_gpus), else CPU")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     preprocess: Literal["model", "official_eval"] = Field(
         "model", description="must match the preprocessing the table was indexed with")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per encoder replica (default: torch's)")
@@ -36,9 +39,25 @@ class AppConfig(BaseModel):
     min_image_side: int = Field(1, ge=1, description="smallest accepted image side")
     max_instruction_tokens: int = Field(77, ge=2, le=77, description="the text tower's context, start/end included")
     thumbnail_side: int = Field(256, ge=16, le=2048, description="default longest side of /v1/images/{id}")
+    allowed_uri_prefixes: tuple[str, ...] = Field(
+        (), description="folders (relative ones from where the application is built) and URI prefixes "
+                        "(s3://bucket/photos) whose images the table's `uri` column may name; /v1/images/{id} and "
+                        "`image_id` queries read nothing else (empty: no stored image is read)")
     api_key: str | None = Field(None, description="when set, every route but /healthz and / needs "
                                                   "`Authorization: Bearer <api_key>`")
     retry_s: float = Field(30.0, ge=0, description="how long a query is retried while an encoder replica is lost")
+    search_timeout_s: float = Field(10.0, gt=0, description="longest a table search may take; a slower one "
+                                                            "answers 503 `search_timeout`")
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _check_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        UriPolicy.allowing(prefixes)  # refuses a prefix with a query string, credentials or an unknown scheme
+        return tuple(prefix if "://" in prefix else os.path.abspath(prefix) for prefix in prefixes)
+
+    def uri_policy(self) -> UriPolicy:
+        """What the replicas may read of the URIs the table stores."""
+        return UriPolicy.allowing(self.allowed_uri_prefixes)
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:

@@ -14,13 +14,15 @@ from ray import serve
 
 from magiclens_core import Embedder, ImageDecodeError
 from magiclens_core.images.pixels import as_float_batch, model_pixels
-from magiclens_core.images.sources import read_source
+from magiclens_core.images.sources import image_bytes_or_path
 from magiclens_core.search.filters import Filter
 from serve_app.config import AppConfig
+from serve_app.health import STUCK_AFTER_S, WorkerThreads
 from serve_app.live_table import LiveTable
 from serve_app.schemas import ApiError
 
-IMAGE_ERROR_STATUS = {"too_many_pixels": 413, "unreadable": 404}  # every other decode reason is a 422
+# every other decode reason is a 422; a stored URI outside `allowed_uri_prefixes` is as absent as a missing file
+IMAGE_ERROR_STATUS = {"too_many_pixels": 413, "unreadable": 404, "uri_not_allowed": 404}
 
 
 def image_error(err: ImageDecodeError) -> ApiError:
@@ -40,8 +42,10 @@ def rows_to_hits(rows: Any) -> list[dict[str, Any]]:
 @serve.deployment(
     name="QueryEncoder",
     max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    ray_actor_options={"num_cpus": 1},
+    autoscaling_config={"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 8},
+    health_check_period_s=2,
+    health_check_timeout_s=10,
+    ray_actor_options={"num_cpus": 0.5},
 )
 class QueryEncoder:
     """One model and one table handle per replica; concurrent queries are embedded together."""
@@ -53,6 +57,8 @@ class QueryEncoder:
         if device == "auto":
             device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.config = config
+        self.policy = config.uri_policy()
+        self.threads = WorkerThreads(max(STUCK_AFTER_S, 2 * config.search_timeout_s))
         self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
                                       batch_size=config.max_batch_size, preprocess=config.preprocess)
         self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
@@ -70,9 +76,10 @@ class QueryEncoder:
         try:
             data = image
             if data is None:
-                data = await asyncio.to_thread(read_source, await self.live.image_uri(image_id or ""))
-            pixels, _, _ = await asyncio.to_thread(model_pixels, data, self.embedder.model.image_size,
-                                                   config.preprocess, config.max_pixels, config.min_image_side)
+                data = await self.threads.run(image_bytes_or_path, await self.live.image_uri(image_id or ""),
+                                              self.policy)
+            pixels, _, _ = await self.threads.run(model_pixels, data, self.embedder.model.image_size,
+                                                  config.preprocess, config.max_pixels, config.min_image_side)
         except ImageDecodeError as err:
             raise image_error(err) from err
         return pixels
@@ -87,14 +94,24 @@ class QueryEncoder:
             return {"error": {"status": err.status, "code": err.code, "message": err.message}}
         vector, batch_size = await self.embed(pixels, instruction)
         table = await self.live.fresh()
-        rows = await asyncio.to_thread(table.search, vector, k, where, select=self.live.result_columns,
-                                       params=self.live.params)
+        timeout_s = self.config.search_timeout_s
+        try:
+            rows = await asyncio.wait_for(self.threads.run(
+                table.search, vector, k, where, select=self.live.result_columns, params=self.live.params), timeout_s)
+        except TimeoutError:
+            return {"error": {"status": 503, "code": "search_timeout",
+                              "message": f"the table search took longer than {timeout_s} s; retry later"}}
         return {"results": rows_to_hits(rows), "batch_size": batch_size, "table_version": table.version,
                 "encoder_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    async def check_health(self) -> None:
+        """Serve's health check: it runs on the replica's event loop, so a blocked loop fails it by Serve's
+        timeout, and it fails when a worker thread is stuck on one call (a table search that never ends)."""
+        self.threads.check()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def embed(self, pixels: list[np.ndarray], instructions: list[str]) -> list[tuple[np.ndarray, int]]:
         """Query embeddings of a batch of (model pixels, instruction), each with the batch's size."""
         batch = as_float_batch(np.stack(pixels))
-        vectors = await asyncio.to_thread(self.embedder.embed_queries, batch, list(instructions))
+        vectors = await self.threads.run(self.embedder.embed_queries, batch, list(instructions))
         return [(vector, len(pixels)) for vector in vectors]

@@ -6,6 +6,7 @@ message for people, answered as `{"error": {"code", "message", "details"}}`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -13,14 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from magiclens_core.model.tokenizer import Tokenizer
 from magiclens_core.search.filters import ColumnKind, Filter, FilterError, parse_filter
 from serve_app.config import AppConfig
+from serve_app.instruction_length import MAX_INSTRUCTION_CHARS, instruction_tokens
 
 FORM_FIELDS = ("image", "image_id", "instruction", "k", "filter")
 MAX_ID_CHARS = 512
@@ -53,6 +54,16 @@ class SearchRequest(BaseModel):
     instruction: str = Field("", description="what to change or keep; at most 77 tokens")
     k: int | None = Field(None, description="how many results (default and maximum set by the server)")
     filter: str | None = Field(None, description="metadata filter, e.g. `colour = 'red' AND count >= 2`")
+
+    @field_validator("image", "image_id", "instruction", "filter")
+    @classmethod
+    def _unicode(cls, text: str | None) -> str | None:
+        if text is not None:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"must be Unicode text; found a lone surrogate at position {err.start}") from None
+        return text
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -144,11 +155,16 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def request_from_json(body: bytes) -> SearchRequest:
-    """A JSON body as a `SearchRequest`; 400 for malformed JSON, 422 for a body of the wrong shape."""
+    """A JSON body as a `SearchRequest`; 400 for malformed JSON, 422 for a body of the wrong shape (nested
+    deeper than the JSON reader goes, or numbers longer than it reads, included)."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ApiError(422, "invalid_request", "body nests deeper than a search request can") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ApiError(422, "invalid_request", f"body cannot be read: {err}") from err
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_request", "body must be a JSON object")
     try:
@@ -161,9 +177,14 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def request_from_form(headers: Headers, body: bytes, max_image_bytes: int) -> tuple[SearchRequest, bytes | None]:
+def request_from_form(headers: Headers, body: bytes, max_image_bytes: int) -> tuple[SearchRequest, bytes | None]:
     """A multipart body (an `image` file part, or an `image_id` field, plus the other fields) as a
-    `SearchRequest` and the uploaded file's bytes."""
+    `SearchRequest` and the uploaded file's bytes. Blocking (it runs its own event loop): call it off the
+    server's event loop."""
+    return asyncio.run(_read_form(headers, body, max_image_bytes))
+
+
+async def _read_form(headers: Headers, body: bytes, max_image_bytes: int) -> tuple[SearchRequest, bytes | None]:
     parser = MultiPartParser(headers, _one_chunk(body), max_files=1, max_fields=len(FORM_FIELDS),
                              max_part_size=_JSON_OVERHEAD)
     try:
@@ -177,6 +198,7 @@ async def request_from_form(headers: Headers, body: bytes, max_image_bytes: int)
     image: bytes | None = None
     if isinstance(upload, UploadFile):
         image = await upload.read()
+        await upload.close()
     elif upload is not None:
         raise ApiError(422, "invalid_request", "form field `image` must be a file upload")
     if image is not None and len(image) > max_image_bytes:
@@ -190,21 +212,25 @@ async def request_from_form(headers: Headers, body: bytes, max_image_bytes: int)
 
 
 class QueryChecker:
-    """Turns a `SearchRequest` into a `Query` under the configured limits, or raises `ApiError`."""
+    """Turns a request body into a `CheckedQuery` under the configured limits, or raises `ApiError`."""
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
-        self.tokenizer = Tokenizer(config.max_instruction_tokens)
+
+    def read(self, content_type: str, headers: Headers, body: bytes, columns: dict[str, ColumnKind]) -> CheckedQuery:
+        """The checked query of a JSON or multipart body. Blocking (parsing, tokenizing, base64): call it off the
+        server's event loop."""
+        if content_type == "application/json":
+            return self.check(request_from_json(body), None, columns)
+        return self.check(*request_from_form(headers, body, self.config.max_image_bytes), columns)
 
     def check(self, request: SearchRequest, image: bytes | None, columns: dict[str, ColumnKind]) -> CheckedQuery:
+        """The query of a `SearchRequest` (and the uploaded image's bytes) once every limit is checked."""
         config = self.config
         k = config.default_k if request.k is None else request.k
         if not 1 <= k <= config.max_k:
             raise ApiError(422, "k_out_of_range", f"k must be between 1 and {config.max_k}, got {k}")
-        tokens = self.tokenizer.token_count(request.instruction)
-        if tokens > config.max_instruction_tokens:
-            raise ApiError(422, "instruction_too_long", f"instruction has {tokens} tokens (start and end included), "
-                                                        f"over the limit of {config.max_instruction_tokens}")
+        self._check_instruction(request.instruction)
         tree = None
         if request.filter is not None and request.filter.strip():
             try:
@@ -214,3 +240,14 @@ class QueryChecker:
         if image is None and request.image is not None:
             image = decode_base64(request.image, config.max_image_bytes)
         return CheckedQuery(image=image, image_id=request.image_id, instruction=request.instruction, k=k, filter=tree)
+
+    def _check_instruction(self, instruction: str) -> None:
+        limit = self.config.max_instruction_tokens
+        if len(instruction) > MAX_INSTRUCTION_CHARS:
+            raise ApiError(422, "instruction_too_long", f"instruction has {len(instruction)} characters, over the "
+                                                        f"limit of {MAX_INSTRUCTION_CHARS}")
+        tokens, exact = instruction_tokens(instruction, limit)
+        if tokens > limit:
+            counted = f"{tokens}" if exact else f"at least {tokens}"
+            raise ApiError(422, "instruction_too_long", f"instruction has {counted} tokens (start and end "
+                                                        f"included), over the limit of {limit}")

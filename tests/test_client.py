@@ -9,24 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from PIL import Image
-from served_pool import free_port, shared_pool, start_app, stop_app
+from served_pool import API_KEY as KEY
+from served_pool import free_port
 
 from serve_app.client import BatchSearchError, MagicLensClient, SearchError
 
-KEY = "test-key-123"
 
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, tmp_path_factory):
-    pool = shared_pool(tmp_path_factory)
-    url = start_app(pool, {"api_key": KEY, "max_k": 30}, {"autoscaling_config": {"min_replicas": 1,
-                                                                                 "max_replicas": 1}})
-    yield pool, url
-    stop_app()
-
-
-def test_search_takes_a_path_bytes_a_pil_image_or_an_id(served):
-    pool, url = served
+def test_search_takes_a_path_bytes_a_pil_image_or_an_id(keyed_app):
+    pool, url = keyed_app
     image_id, path = list(pool.files.items())[2]
     with MagicLensClient(url, api_key=KEY) as client:
         for image in (path, str(path), path.read_bytes(), Image.open(path)):
@@ -40,8 +30,8 @@ def test_search_takes_a_path_bytes_a_pil_image_or_an_id(served):
         assert answer["batch_size"] >= 1 and answer["took_ms"] > 0 and len(answer["results"]) == 2
 
 
-def test_the_api_key_guards_every_v1_route_but_not_health(served):
-    pool, url = served
+def test_the_api_key_guards_every_v1_route_but_not_health(keyed_app):
+    pool, url = keyed_app
     image_id, path = next(iter(pool.files.items()))
     for key in (None, "wrong-key"):
         with MagicLensClient(url, api_key=key) as client, pytest.raises(SearchError) as caught:
@@ -54,15 +44,15 @@ def test_the_api_key_guards_every_v1_route_but_not_health(served):
     assert httpx.get(url + "/", timeout=60).status_code == 200  # the page holds no data; it asks for the key
 
 
-def test_a_refused_query_is_not_retried(served):
-    pool, url = served
+def test_a_refused_query_is_not_retried(keyed_app):
+    pool, url = keyed_app
     with MagicLensClient(url, api_key=KEY) as client, pytest.raises(SearchError) as caught:
         client.search(b"not an image", "", retries=3)
     assert caught.value.status == 422 and caught.value.code == "not_an_image"
 
 
-def test_search_batch_keeps_input_order_and_shows_progress(served, capfd):
-    pool, url = served
+def test_search_batch_keeps_input_order_and_shows_progress(keyed_app, capfd):
+    pool, url = keyed_app
     items = list(pool.files.items())
     queries, expected = [], []
     for turn in range(40):
@@ -126,8 +116,8 @@ class FlakyProxy:
         self.server.server_close()
 
 
-def test_search_batch_retries_transient_failures_and_reports_lasting_ones(served):
-    pool, url = served
+def test_search_batch_retries_transient_failures_and_reports_lasting_ones(keyed_app):
+    pool, url = keyed_app
     proxy = FlakyProxy(url)
     try:
         items = list(pool.files.items())[:12]

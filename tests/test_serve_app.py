@@ -16,22 +16,7 @@ import pytest
 import ray
 from PIL import Image
 from ray import serve
-from served_pool import APP_NAME, file_ids, index_folder, shared_pool, start_app, stop_app, write_images
-
-MIN_REPLICAS, MAX_REPLICAS = 2, 3
-ARGS = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "refresh_interval_s": 0.5, "max_k": 50,
-        "max_image_bytes": 300_000, "max_pixels": 2_000_000}
-ENCODER = {"max_ongoing_requests": 16, "autoscaling_config": {
-    "min_replicas": MIN_REPLICAS, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": 2,
-    "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2}}
-
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, tmp_path_factory):
-    pool = shared_pool(tmp_path_factory)
-    url = start_app(pool, ARGS, ENCODER)
-    yield pool, url
-    stop_app()
+from served_pool import APP_NAME, MIN_REPLICAS, file_ids, index_folder, replica_actor_names, wait_for, write_images
 
 
 def b64(data: bytes) -> str:
@@ -54,8 +39,7 @@ def encoder_replicas() -> dict[str, int]:
 
 
 def encoder_actor_names() -> list[str]:
-    return sorted(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-                  if "QueryEncoder" in actor["name"] and actor["name"].startswith("SERVE_REPLICA"))
+    return replica_actor_names(APP_NAME, "QueryEncoder")
 
 
 def assert_answers(url: str, pool, image_id: str) -> None:
@@ -64,8 +48,8 @@ def assert_answers(url: str, pool, image_id: str) -> None:
     assert answer.json()["results"][0]["id"] == image_id
 
 
-def test_an_indexed_image_finds_itself_first(served):
-    pool, url = served
+def test_an_indexed_image_finds_itself_first(search_app):
+    pool, url = search_app
     for image_id, path in list(pool.files.items())[:6]:
         answer = search(url, image=b64(path.read_bytes()), instruction="", k=5)
         assert answer.status_code == 200, answer.text
@@ -80,8 +64,8 @@ def test_an_indexed_image_finds_itself_first(served):
         assert "vector" not in first
 
 
-def test_image_id_and_multipart_queries_match_base64(served):
-    pool, url = served
+def test_image_id_and_multipart_queries_match_base64(search_app):
+    pool, url = search_app
     image_id, path = next(iter(pool.files.items()))
     by_base64 = search(url, image=b64(path.read_bytes()), instruction="in blue", k=4).json()["results"]
     by_id = search(url, image_id=image_id, instruction="in blue", k=4).json()["results"]
@@ -92,8 +76,8 @@ def test_image_id_and_multipart_queries_match_base64(served):
     assert [hit["id"] for hit in by_id] == ids == [hit["id"] for hit in upload.json()["results"]]
 
 
-def test_filter_on_metadata_columns(served):
-    pool, url = served
+def test_filter_on_metadata_columns(search_app):
+    pool, url = search_app
     image_id, path = next(iter(pool.files.items()))
     other_id, other_path = list(pool.files.items())[1]
     answer = search(url, image_id=image_id, k=5, filter=f"id != '{image_id}' AND width >= 64")
@@ -142,8 +126,8 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("kwargs,status,code", [case[1:] for case in BAD_REQUESTS],
                          ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_input_is_a_clear_4xx_and_the_next_query_still_answers(served, kwargs, status, code):
-    pool, url = served
+def test_bad_input_is_a_clear_4xx_and_the_next_query_still_answers(search_app, kwargs, status, code):
+    pool, url = search_app
     image_id = next(iter(pool.files))
     kwargs = json.loads(json.dumps(kwargs).replace('"ID"', json.dumps(image_id))) if "json" in kwargs else kwargs
     answer = httpx.post(url + "/v1/search", timeout=120, **kwargs)
@@ -153,17 +137,17 @@ def test_bad_input_is_a_clear_4xx_and_the_next_query_still_answers(served, kwarg
     assert_answers(url, pool, image_id)
 
 
-def test_bad_inputs_crashed_no_replica(served):
+def test_bad_inputs_crashed_no_replica(search_app):
     before = encoder_actor_names()
-    pool, url = served
+    pool, url = search_app
     for _, kwargs, _, _ in BAD_REQUESTS[:8]:
         assert httpx.post(url + "/v1/search", timeout=120, **kwargs).status_code < 500
     assert encoder_actor_names() == before
     assert_answers(url, pool, next(iter(pool.files)))
 
 
-def test_images_are_served_by_id_only(served):
-    pool, url = served
+def test_images_are_served_by_id_only(search_app):
+    pool, url = search_app
     image_id, path = next(iter(pool.files.items()))
     answer = httpx.get(f"{url}/v1/images/{image_id}", params={"side": 32}, timeout=60)
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
@@ -178,8 +162,8 @@ def test_images_are_served_by_id_only(served):
     assert httpx.get(f"{url}/v1/images/{image_id}", params={"side": 100_000}, timeout=60).status_code == 422
 
 
-def test_listing_info_health_docs_and_page(served):
-    pool, url = served
+def test_listing_info_health_docs_and_page(search_app):
+    pool, url = search_app
     listing = httpx.get(url + "/v1/images", params={"limit": 5}, timeout=60).json()
     assert len(listing["images"]) == 5 and listing["total"] >= len(pool.files)
     assert {row["id"] for row in listing["images"]} <= set(pool.files)
@@ -197,13 +181,14 @@ def listing_ids(url: str) -> list[str]:
     return [row["id"] for row in httpx.get(url + "/v1/images", params={"limit": 200}, timeout=60).json()["images"]]
 
 
-def test_rows_appended_by_an_index_job_become_searchable(served, tmp_path):
-    pool, url = served
-    new = file_ids(write_images(tmp_path / "more", 3, start=500))
+def test_rows_appended_by_an_index_job_become_searchable(search_app):
+    pool, url = search_app
+    folder = next(iter(pool.files.values())).parent / "appended"  # where the applications may read images
+    new = file_ids(write_images(folder, 3, start=500))
     new_id, new_path = next(iter(new.items()))
     before = search(url, image=b64(new_path.read_bytes()), k=3).json()["results"]
     assert new_id not in [hit["id"] for hit in before]
-    summary = index_folder(tmp_path / "more", pool.db, pool.table)  # the real job, appending while we serve
+    summary = index_folder(folder, pool.db, pool.table)  # the real job, appending while we serve
     assert summary["rows_added"] == 3
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -215,8 +200,8 @@ def test_rows_appended_by_an_index_job_become_searchable(served, tmp_path):
     assert new_id in listing_ids(url)
 
 
-def test_concurrent_clients_get_right_answers_in_batches(served):
-    pool, url = served
+def test_concurrent_clients_get_right_answers_in_batches(search_app):
+    pool, url = search_app
     queries = list(pool.files.items())[:16] * 3
 
     def one(item):
@@ -249,47 +234,38 @@ def _load(url: str, pool, stop: threading.Event, outcomes: list, clients: int) -
     return threads
 
 
-def _wait_for(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def test_a_burst_scales_the_encoder_up_then_back_down(served):
-    pool, url = served
-    assert _wait_for(lambda: sum(encoder_replicas().values()) == MIN_REPLICAS, 120), encoder_replicas()
+def test_a_burst_scales_the_encoder_up_then_back_down(search_app):
+    pool, url = search_app
+    assert wait_for(lambda: sum(encoder_replicas().values()) == MIN_REPLICAS, 120), encoder_replicas()
     stop, outcomes = threading.Event(), []
     threads = _load(url, pool, stop, outcomes, clients=24)
     try:
-        scaled_up = _wait_for(lambda: encoder_replicas().get("RUNNING", 0) > MIN_REPLICAS, 240)
+        scaled_up = wait_for(lambda: encoder_replicas().get("RUNNING", 0) > MIN_REPLICAS, 240)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=180)
     assert scaled_up, encoder_replicas()
     assert outcomes and all(status == 200 and found == expected for status, expected, found in outcomes)
-    assert _wait_for(lambda: sum(encoder_replicas().values()) == MIN_REPLICAS, 180), encoder_replicas()
+    assert wait_for(lambda: sum(encoder_replicas().values()) == MIN_REPLICAS, 180), encoder_replicas()
 
 
-def test_a_replica_killed_under_load_loses_no_query(served):
-    pool, url = served
-    assert _wait_for(lambda: encoder_replicas().get("RUNNING", 0) >= MIN_REPLICAS, 180), encoder_replicas()
+def test_a_replica_killed_under_load_loses_no_query(search_app):
+    pool, url = search_app
+    assert wait_for(lambda: encoder_replicas().get("RUNNING", 0) >= MIN_REPLICAS, 180), encoder_replicas()
     victim = encoder_actor_names()[0]
     stop, outcomes = threading.Event(), []
     threads = _load(url, pool, stop, outcomes, clients=6)
     try:
-        assert _wait_for(lambda: len(outcomes) >= 10, 120)
+        assert wait_for(lambda: len(outcomes) >= 10, 120)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         served_before = len(outcomes)
-        assert _wait_for(lambda: len(outcomes) >= served_before + 40, 180)
+        assert wait_for(lambda: len(outcomes) >= served_before + 40, 180)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=180)
-    assert _wait_for(lambda: victim not in encoder_actor_names(), 60)
+    assert wait_for(lambda: victim not in encoder_actor_names(), 60)
     wrong = [outcome for outcome in outcomes if outcome[0] != 200 or outcome[1] != outcome[2]]
     assert not wrong, wrong[:5]
     assert_answers(url, pool, next(iter(pool.files)))

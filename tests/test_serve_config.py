@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
+from starlette.middleware import Middleware
 
 from serve_app.config import AppConfig
 from serve_app.config_check import check_config, check_file, main
+from serve_app.proxy_errors import PROXY_CALLBACK
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
 
@@ -87,3 +90,18 @@ def test_wrong_values_and_unfillable_batches_are_caught(config, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_edit(config, ["http_options", "port"], rename="prot")))
     assert main([str(bad)]) == 1
+
+
+def test_the_shipped_config_survives_losing_any_one_replica_on_two_cpus(config):
+    app = config["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    encoder, ingress = deployments["QueryEncoder"], deployments["SearchIngress"]
+    assert encoder["autoscaling_config"]["min_replicas"] >= 2 and ingress["num_replicas"] >= 2
+    most = (encoder["autoscaling_config"]["max_replicas"] * encoder["ray_actor_options"]["num_cpus"]
+            + ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"])
+    assert most <= 2
+    assert all(d["health_check_period_s"] <= 5 for d in deployments.values())
+    env = config["controller_options"]["runtime_env"]["env_vars"]
+    assert env == PROXY_CALLBACK  # the proxy answers a request a lost replica held with a JSON 503
+    module, _, name = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    assert all(isinstance(entry, Middleware) for entry in getattr(importlib.import_module(module), name)())

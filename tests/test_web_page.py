@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from served_pool import shared_pool, start_app, stop_app
+from served_pool import API_KEY as KEY
 
 from magiclens_core.search.store import ImageTable
 
@@ -16,16 +16,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-KEY = "page-key"
 TIMEOUT_MS = 120_000
-
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, tmp_path_factory):
-    pool = shared_pool(tmp_path_factory)
-    url = start_app(pool, {"api_key": KEY}, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}})
-    yield pool, url
-    stop_app()
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +41,13 @@ def wait_for_search(page, count: int) -> None:
                            ".every(img => img.complete && img.naturalWidth > 0)", timeout=TIMEOUT_MS)
 
 
-def test_a_query_from_the_page_shows_the_expected_images(served, browser):
-    pool, url = served
+def test_a_query_from_the_page_shows_the_expected_images(keyed_app, browser):
+    pool, url = keyed_app
     image_id, path = list(pool.files.items())[4]
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url + "/")
+    page.goto(url + "/")  # the application's page at its route prefix (/keyed/)
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     page.wait_for_function("document.querySelectorAll('#indexed img').length === 24")

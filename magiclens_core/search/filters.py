@@ -7,7 +7,14 @@ Comparisons (`=`, `!=`, `<>`, `<`, `<=`, `>`, `>=`), `IN (...)`, `IS [NOT] NULL`
 `OR`, `NOT` and parentheses; values are single-quoted strings (`''` inside for a quote), numbers, `TRUE`,
 `FALSE`. Keywords are case-insensitive. Every column must be a known scalar column of the table and each
 value must match its column's kind, so what reaches the store is a checked tree, never the user's text
-(`magiclens_core.search.store` renders the tree for LanceDB).
+(`magiclens_core.search.store` renders the tree for LanceDB). A number with a fraction or an exponent is a
+64-bit float; compared with a float column it is read as that column's type, compared with an integer column
+it is compared exactly (`count < 1.5` holds for counts up to 1).
+
+The cost of a filter is bounded before it is parsed (`MAX_FILTER_CHARS`) and while it is (`MAX_DEPTH` levels
+of parentheses and `NOT`s together, `MAX_CONDITIONS` conditions); `normalise` then gives the tree LanceDB
+plans in time: no `NOT` above a condition, no nested `AND` in `AND` (or `OR` in `OR`), and only values an
+integer column can hold compared with it.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ Value = str | int | float | bool
 
 MAX_FILTER_CHARS = 2000
 MAX_CONDITIONS = 64
-MAX_DEPTH = 16
+MAX_DEPTH = 16  # parentheses and NOTs together
 OPERATORS = ("=", "!=", "<>", "<=", ">=", "<", ">")
 _ORDERED = ("<", "<=", ">", ">=")
+_NEGATED = {"=": "!=", "!=": "=", "<": ">=", "<=": ">", ">": "<=", ">=": "<"}
 
 
 class FilterError(ValueError):
@@ -48,6 +56,7 @@ class Comparison:
 class InList:
     column: str
     values: tuple[Value, ...]
+    negated: bool = False  # NOT IN
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Not:
 
 
 Filter = Comparison | InList | IsNull | And | Or | Not
+NOTHING = Or(())  # the empty disjunction: no row matches
 
 
 def column_kinds(schema: pa.Schema) -> dict[str, ColumnKind]:
@@ -131,6 +141,12 @@ def _tokens(text: str) -> list[_Token]:
     return tokens
 
 
+def _deeper(depth: int) -> int:
+    if depth >= MAX_DEPTH:
+        raise FilterError(f"filter nests parentheses and NOTs deeper than {MAX_DEPTH} levels")
+    return depth + 1
+
+
 class _Parser:
     def __init__(self, text: str, columns: dict[str, ColumnKind]) -> None:
         self.tokens = _tokens(text)
@@ -162,8 +178,6 @@ class _Parser:
         return False
 
     def expression(self, depth: int = 0) -> Filter:
-        if depth > MAX_DEPTH:
-            raise FilterError(f"filter nests deeper than {MAX_DEPTH} levels")
         items = [self.conjunction(depth)]
         while self.accept("keyword", "OR"):
             items.append(self.conjunction(depth))
@@ -177,9 +191,9 @@ class _Parser:
 
     def negation(self, depth: int) -> Filter:
         if self.accept("keyword", "NOT"):
-            return Not(self.negation(depth + 1))
+            return Not(self.negation(_deeper(depth)))
         if self.accept("punct", "("):
-            inner = self.expression(depth + 1)
+            inner = self.expression(_deeper(depth))
             self.expect("punct", ")")
             return inner
         return self.condition()
@@ -220,11 +234,7 @@ class _Parser:
             number = float(token.text)
             if not math.isfinite(number):
                 raise FilterError(f"number {token.text} at position {token.position} is out of range")
-            if re.fullmatch(r"[-+]?\d+", token.text):
-                if not -(2**63) <= int(token.text) < 2**63:
-                    raise FilterError(f"integer {token.text} at position {token.position} is out of range")
-                return int(token.text)
-            return number
+            return int(token.text) if re.fullmatch(r"[-+]?\d+", token.text) else number
         if token.kind == "keyword" and token.text in ("TRUE", "FALSE") and kind == "bool":
             return token.text == "TRUE"
         found = token.text or "the end of the filter"
@@ -241,3 +251,75 @@ def parse_filter(text: str, columns: dict[str, ColumnKind]) -> Filter:
     tree = parser.expression()
     parser.expect("end")
     return tree
+
+
+def integer_ranges(schema: pa.Schema) -> dict[str, tuple[int, int]]:
+    """The integer columns of `schema` with the least and greatest value their type holds."""
+    ranges = {}
+    for field in schema:
+        if pa.types.is_integer(field.type):
+            bits = field.type.bit_width
+            signed = pa.types.is_signed_integer(field.type)
+            ranges[field.name] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return ranges
+
+
+def normalise(tree: Filter, integers: dict[str, tuple[int, int]] | None = None) -> Filter:
+    """The same filter as LanceDB plans it quickly and can type: every `NOT` pushed into the conditions (De
+    Morgan's laws and negated comparisons, which hold in SQL's three-valued logic), `AND`s in `AND`s and
+    `OR`s in `OR`s flattened (each part once), and each condition on an integer column of `integers` (name →
+    least and greatest value) compared only with values that column can hold; a part no row can match is
+    `NOTHING`."""
+    return _normalise(tree, False, integers or {})
+
+
+def _normalise(tree: Filter, negate: bool, integers: dict[str, tuple[int, int]]) -> Filter:
+    if isinstance(tree, Not):
+        return _normalise(tree.item, not negate, integers)
+    if isinstance(tree, (And, Or)):
+        conjunction = isinstance(tree, And) != negate
+        items = []
+        for item in tree.items:
+            item = _normalise(item, negate, integers)
+            if item == NOTHING:
+                if conjunction:
+                    return NOTHING
+                continue
+            nested = isinstance(item, And) if conjunction else isinstance(item, Or)
+            items.extend(item.items if nested else [item])
+        items = list(dict.fromkeys(items))  # each part once
+        if len(items) == 1:
+            return items[0]
+        return And(tuple(items)) if conjunction else Or(tuple(items))
+    if isinstance(tree, IsNull):
+        return IsNull(tree.column, tree.negated != negate)
+    if isinstance(tree, InList):
+        tree = InList(tree.column, tree.values, tree.negated != negate)
+    elif negate:
+        tree = Comparison(tree.column, _NEGATED[tree.op], tree.value)
+    bounds = integers.get(tree.column)
+    return tree if bounds is None else _on_integers(tree, *bounds)
+
+
+def _on_integers(condition: Comparison | InList, low: int, high: int) -> Filter:
+    """`condition` on an integer column holding `low` .. `high`, with integer values in that range only."""
+    def holdable(value: Value) -> bool:
+        return not isinstance(value, bool) and value == math.floor(value) and low <= value <= high
+
+    every_row = IsNull(condition.column, negated=True)  # the condition holds for every value, not for NULL
+    if isinstance(condition, InList):
+        values = tuple(int(value) for value in condition.values if holdable(value))
+        if not values:
+            return every_row if condition.negated else NOTHING
+        return InList(condition.column, values, condition.negated)
+    op, value = condition.op, condition.value
+    if op in ("=", "!="):
+        if holdable(value):
+            return Comparison(condition.column, op, int(value))
+        return NOTHING if op == "=" else every_row
+    # x < v ⇔ x <= ceil(v) - 1;  x > v ⇔ x >= floor(v) + 1 (for integer x)
+    bound = {"<": math.ceil(value) - 1, "<=": math.floor(value), ">": math.floor(value) + 1,
+             ">=": math.ceil(value)}[op]
+    if op in ("<", "<="):
+        return every_row if bound >= high else NOTHING if bound < low else Comparison(condition.column, "<=", bound)
+    return every_row if bound <= low else NOTHING if bound > high else Comparison(condition.column, ">=", bound)
