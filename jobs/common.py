@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import sys
@@ -76,6 +77,8 @@ def parse_config(config_type: type[ConfigT], argv: list[str] | None = None,
         if is_list:
             kwargs["nargs"] = "+"
         choices = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is typing.Literal else None
+        if isinstance(scalar, type) and issubclass(scalar, enum.Enum):
+            choices = list(scalar)
         if choices:
             kwargs["choices"] = choices
         if field.default is not dataclasses.MISSING:
@@ -119,11 +122,15 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_job(config_type: type[ConfigT], run: Callable[[ConfigT], dict[str, Any]], argv: list[str] | None,
-            description: str | None, prog: str) -> dict[str, Any]:
+            description: str | None, prog: str,
+            num_cpus: Callable[[ConfigT], int] | None = None,
+            needs_ray: Callable[[ConfigT], bool] | None = None) -> dict[str, Any]:
     """A job's `main`: its config from `argv` (see `parse_config`), Ray connected, `run(config)`, the summary
-    printed as the last line and returned."""
+    printed as the last line and returned. `num_cpus(config)` sizes a local Ray when one is started (default:
+    the machine's cores); `needs_ray(config)` false leaves Ray alone for that run (default: always connect)."""
     config = parse_config(config_type, argv, description=description, prog=prog)
-    init_ray()
+    if needs_ray is None or needs_ray(config):
+        init_ray(num_cpus=num_cpus(config) if num_cpus else None)
     summary = run(config)
     print_summary(summary)
     return summary

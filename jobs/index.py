@@ -3,9 +3,10 @@
     python -m jobs.index --images SRC --model MODEL --db URI --table NAME [options]
 
 Resumable and idempotent: ids already in the table are skipped before decoding, results stream back to
-this driver and are committed in batches (one LanceDB version each), so a rerun after a kill at any
-point ends with exactly one row per good image. Rejects go to `NAME_rejects`. The last line printed is
-a JSON summary.
+this driver and are committed in batches (one LanceDB version each) that insert only ids the table does
+not hold, so a rerun after a kill at any point, or runs at the same time on one table, end with exactly
+one row per good image. Image URIs are read only under the source's own folder (or bucket) and the places
+given with `--allow-uri-prefix`. Rejects go to `NAME_rejects`. The last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -20,11 +21,33 @@ import pyarrow.compute as pc
 import ray
 
 from jobs.common import run_job
-from jobs.stages.embed import NEW, PRESENT, REJECTED, EmbedOptions, embed_images, model_info, read_images
-from jobs.stages.sources import IMAGE_EXTENSIONS, SourceFormat, read_source
-from magiclens_core.search.store import CLIP_VECTOR, VECTOR, ImageTable, image_schema, index_table, metadata_fields
+from jobs.stages.embed import (
+    CLIP_EMBEDDING,
+    DETAIL,
+    EMBEDDING,
+    HEIGHT,
+    ID,
+    MODEL_ID,
+    NEW,
+    PRESENT,
+    REASON,
+    REJECTED,
+    STATUS,
+    WIDTH,
+    EmbedOptions,
+    embed_images,
+    read_images,
+    user_columns,
+)
+from jobs.stages.sources import IMAGE_EXTENSIONS, SourceFormat, source_dataset
+from magiclens_core.factory import describe_model
+from magiclens_core.images.sources import UriPolicy
+from magiclens_core.search.index_policy import index_table
+from magiclens_core.search.store import CLIP_VECTOR, VECTOR, ImageTable, IndexKind, image_schema, metadata_fields
 
-OUTCOME_COLUMNS = ("status", "reason", "detail")
+# the image table's own columns, from the embedding stages' working columns (the rest is carried metadata)
+TABLE_COLUMNS = {"id": ID, "width": WIDTH, "height": HEIGHT, VECTOR: EMBEDDING, "model_id": MODEL_ID,
+                 CLIP_VECTOR: CLIP_EMBEDDING}
 
 
 @dataclass(kw_only=True)
@@ -34,26 +57,53 @@ class IndexConfig(EmbedOptions):
     table: str = field(metadata={"help": "table name; rejects go to NAME_rejects"})
     source_format: SourceFormat = field(default="auto", metadata={"help": "how to read --images"})
     id_column: str | None = field(default=None, metadata={"help": "source column holding ids (else content hash)"})
+    allow_uri_prefix: list[str] = field(default_factory=list, metadata={
+        "help": "also read image URIs under these folders or URI prefixes; by default only the "
+                "source's own folder or bucket"})
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS),
                                   metadata={"help": "file name endings indexed from a folder or glob"})
     vector_dtype: Literal["float32", "float16"] = "float32"
     commit_rows: int = field(default=2048, metadata={"help": "rows per table commit"})
-    index: Literal["auto", "none", "ivf_pq", "ivf_hnsw_sq"] = "auto"
+    index: IndexKind = field(default=IndexKind.AUTO, metadata={"help": "vector index (auto: by table size)"})
     index_min_rows: int = field(default=20_000, metadata={"help": "below this, auto keeps exact search"})
     index_partitions: int | None = field(default=None, metadata={"help": "IVF partitions (default: by size)"})
     index_sub_vectors: int | None = field(default=None, metadata={"help": "PQ sub-vectors (default: dim/4)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 the tuned search must reach"})
     tune_queries: int = field(default=100, metadata={"help": "sample rows used as queries when tuning"})
 
+    def __post_init__(self) -> None:
+        self.index = IndexKind(self.index)  # from a config file it is text; a bad value stops the job here
+
+
+def check_metadata_columns(names: list[str], id_column: str | None) -> None:
+    """Refuse a source whose columns would be the image table's own (its `id` only as `--id-column id`)."""
+    clashes = [name for name in names if name in TABLE_COLUMNS and not (name == "id" and id_column == "id")]
+    if clashes:
+        hint = "; pass --id-column id to use its `id` column as the ids" if "id" in clashes else ""
+        raise SystemExit(f"error: source column(s) {clashes} are columns the image table fills itself: "
+                         f"rename them{hint}")
+
+
+def _table_rows(batch: pa.Table) -> pa.Table:
+    """Stage output rows as image table rows: its own columns, then the source's columns as metadata."""
+    own = {name: batch.column(column) for name, column in TABLE_COLUMNS.items() if column in batch.column_names}
+    carried = {name: batch.column(name) for name in user_columns(batch) if name not in own}
+    return pa.table({**own, **carried})
+
+
+def _reject_rows(batch: pa.Table) -> pa.Table:
+    return pa.table({"id": batch.column(ID), "uri": batch.column("uri"), "reason": batch.column(REASON),
+                     "detail": batch.column(DETAIL)})
+
 
 def _commit(table: ImageTable | None, config: IndexConfig, rows: pa.Table, seen: set[str]) -> tuple[ImageTable, int]:
-    """Append the new rows not committed earlier in this run; creates the table on first use."""
+    """Insert the new rows not committed earlier (by this run or another); creates the table on first use."""
     keep = []
     for position, image_id in enumerate(rows.column("id").to_pylist()):
         if image_id not in seen:
             seen.add(image_id)
             keep.append(position)
-    rows = rows.take(keep).drop_columns([*OUTCOME_COLUMNS])
+    rows = rows.take(keep)
     if table is None:
         vector = rows.schema.field(VECTOR).type
         schema = image_schema(vector.list_size, config.vector_dtype,
@@ -77,20 +127,22 @@ def _existing_table(config: IndexConfig, model_id: str) -> ImageTable | None:
 
 def run(config: IndexConfig) -> dict:
     started = time.perf_counter()
-    info = model_info(config.model)
-    table = _existing_table(config, info["model_id"])
+    info = describe_model(config.model)
+    table = _existing_table(config, info.model_id)
     rejects = ImageTable.rejects_of(config.db, config.table)
-    listing = read_source(config.images, config.source_format, tuple(config.extensions))
-    dataset = read_images(listing.dataset, table.ids() if table else None, config.id_column)
-    dataset = embed_images(dataset, config, info["image_size"])
+    listing = source_dataset(config.images, config.source_format, tuple(config.extensions))
+    check_metadata_columns(listing.dataset.schema().names, config.id_column)
+    policy = UriPolicy.allowing([*listing.roots, *config.allow_uri_prefix])
+    dataset = read_images(listing.dataset, table.ids() if table else None, config.id_column, policy)
+    dataset = embed_images(dataset, config, info.image_size, role="target")
     counts = {"rows_added": 0, "rows_already_present": 0, "duplicates": 0, "rejected": 0, "rejects_recorded": 0}
     seen: set[str] = set()
     embed_start, last_report = time.perf_counter(), 0.0
     for batch in dataset.iter_batches(batch_size=config.commit_rows, batch_format="pyarrow", prefetch_batches=1):
-        status = batch.column("status")
-        new = batch.filter(pc.equal(status, NEW))
+        status = batch.column(STATUS)
+        new = _table_rows(batch.filter(pc.equal(status, NEW)))
         table, added = _commit(table, config, new, seen) if new.num_rows else (table, 0)
-        bad = batch.filter(pc.equal(status, REJECTED))
+        bad = _reject_rows(batch.filter(pc.equal(status, REJECTED)))
         counts["rows_added"] += added
         counts["duplicates"] += new.num_rows - added
         counts["rows_already_present"] += pc.sum(pc.equal(status, PRESENT)).as_py() or 0
@@ -110,6 +162,8 @@ def run(config: IndexConfig) -> dict:
     return {
         **counts,
         "skipped_files": listing.skipped_files,
+        "skipped": listing.skipped,
+        "allowed_uri_prefixes": policy.prefixes(),
         "images_per_s": round(embedded / embed_seconds, 2) if embed_seconds > 0 else None,
         "table_rows": table.count() if table is not None else 0,
         "table_uri": table.uri if table is not None else None,

@@ -4,19 +4,28 @@
 
 `--queries` is a Parquet (or Lance) dataset with one row per query: the query image as `image` bytes or a
 `uri`, an `instruction`, and optionally a `query_id` column (else the id is a hash of the image's uri or
-bytes and the instruction). Queries go through the same stages as indexing (`jobs.stages.embed`: read, decode,
-`Embedder` actors) and are searched by a pool of actors with the table's tuned parameters, as the server
-does, so both return the same ids for the same query.
+bytes and the instruction). Image URIs are read only under the folder (or bucket) holding `--queries` and
+the places given with `--allow-uri-prefix`; others are rejected (`uri_not_allowed`). Queries go through
+the same stages as indexing (`jobs.stages.embed`: read, decode, `Embedder` actors) and are searched by a
+pool of actors with the table's tuned parameters, as the server does, so both return the same ids for the
+same query.
 
 `--out` is a Parquet dataset (a folder of part files, read whole with `pyarrow.parquet.read_table(OUT)`) of
 `query_id`, `uri`, `instruction`, `ids` (best first) and `scores` (cosine similarity). Resumable: each part
 is written whole, and a rerun skips the query ids already in `--out`. Queries that cannot be used (image
-unreadable or not an image, instruction over 77 tokens) are listed with their reason in
-`OUT/_rejects.parquet` (rewritten by every run). The last line printed is a JSON summary.
+unreadable, not allowed or not an image, instruction over 77 tokens) are listed with their reason in
+`OUT/_rejects.parquet` (rewritten by every run). One run writes an `--out` at a time: a run holds an
+exclusive lock on `OUT/_writer.lock` (naming its pid and host) while it writes, and a second run on the
+same `--out` stops at once with an error naming the lock and its holder, so no query is answered twice.
+The lock is the kernel's (`flock`), released when its run ends or dies, so no stale lock survives a crash;
+it needs a local or shared (POSIX) filesystem, and on object storage one run per `--out` is up to the user.
+The last line printed is a JSON summary.
 """
 
+import fcntl
 import hashlib
 import os
+import socket
 import sys
 import time
 import uuid
@@ -32,22 +41,28 @@ import ray
 
 from jobs.common import run_job
 from jobs.stages.embed import (
+    DETAIL,
+    EMBEDDING,
     NEW,
     PRESENT,
+    REASON,
     REJECTED,
+    STATUS,
     EmbedOptions,
     check_instructions,
     embed_images,
-    model_info,
     read_images,
 )
-from jobs.stages.sources import read_source
+from jobs.stages.sources import source_dataset
+from magiclens_core.factory import describe_model
+from magiclens_core.images.sources import UriPolicy
 from magiclens_core.search.filters import Filter, column_kinds, parse_filter
 from magiclens_core.search.store import ImageTable
 
 OUTPUT_COLUMNS = ("query_id", "uri", "instruction", "ids", "scores")
 REJECT_COLUMNS = ("query_id", "uri", "instruction", "reason", "detail")
 REJECTS_FILE = "_rejects.parquet"  # a leading underscore keeps it out of the dataset when OUT is read
+LOCK_FILE = "_writer.lock"  # held by the run writing OUT
 
 
 @dataclass(kw_only=True)
@@ -59,6 +74,9 @@ class RetrieveConfig(EmbedOptions):
     k: int = field(default=50, metadata={"help": "results per query"})
     filter: str | None = field(default=None, metadata={"help": "metadata filter, as the server's `filter`"})
     id_column: str = field(default="query_id", metadata={"help": "column of query ids (hashed when absent)"})
+    allow_uri_prefix: list[str] = field(default_factory=list, metadata={
+        "help": "also read query image URIs under these folders or URI prefixes; by default only "
+                "the queries' own folder or bucket"})
     source_format: Literal["auto", "parquet", "lance"] = "auto"
     search_workers: int = field(default=2, metadata={"help": "table-searching actors"})
     cpus_per_search_worker: float = field(default=0.5, metadata={"help": "CPUs reserved per search actor"})
@@ -87,8 +105,8 @@ class SearchWorker:
         self.k, self.where, self.id_column = k, where, id_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        status = batch.column("status").to_pylist()
-        vectors = batch.column("vector").combine_chunks()
+        status = batch.column(STATUS).to_pylist()
+        vectors = batch.column(EMBEDDING).combine_chunks()
         ids: list[list[str] | None] = [None] * batch.num_rows
         scores: list[list[float] | None] = [None] * batch.num_rows
         for row in np.nonzero(np.array(status) == NEW)[0]:
@@ -102,18 +120,30 @@ class SearchWorker:
             "instruction": batch.column("instruction"),
             "ids": pa.array(ids, pa.list_(pa.string())),
             "scores": pa.array(scores, pa.list_(pa.float32())),
-            "status": batch.column("status"), "reason": batch.column("reason"), "detail": batch.column("detail"),
+            "status": batch.column(STATUS), "reason": batch.column(REASON), "detail": batch.column(DETAIL),
         })
 
 
 class Output:
-    """The output dataset: ids already answered, whole part files, the rejects file."""
+    """The output dataset: ids already answered, whole part files, the rejects file; a context manager that
+    holds the writer's lock (on a local or shared filesystem) from its start to its end."""
 
     def __init__(self, uri: str) -> None:
         self.filesystem, self.root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
         self.filesystem.create_dir(self.root, recursive=True)
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.parts = 0
+        self._lock: int | None = None
+
+    def __enter__(self) -> "Output":
+        if isinstance(self.filesystem, pafs.LocalFileSystem):
+            self._lock = _hold_lock(os.path.join(self.root, LOCK_FILE))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock; the file stays, for the next run to lock
+            self._lock = None
 
     def done_ids(self) -> np.ndarray:
         """Query ids already written, sorted, as numpy bytes (the form `read_images` skips)."""
@@ -140,24 +170,48 @@ class Output:
         self._write(REJECTS_FILE, table)
 
 
+def _hold_lock(path: str) -> int:
+    """An open descriptor holding an exclusive `flock` on the file at `path`, which names this run; exits with
+    an error naming the lock and its holder when another run holds it."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 512).decode(errors="replace").strip() or "another run"
+        os.close(descriptor)
+        raise SystemExit(f"error: {os.path.dirname(path)} is being written by {holder}, which holds the lock "
+                         f"{path}; wait for that run to end or write to another --out") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"jobs.retrieve pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return descriptor
+
+
 def run(config: RetrieveConfig) -> dict:
+    """Retrieve for every query not yet in `--out`, holding `--out`'s lock meanwhile; the summary."""
+    with Output(config.out) as output:
+        return _retrieve(config, output)
+
+
+def _retrieve(config: RetrieveConfig, output: Output) -> dict:
     started = time.perf_counter()
     table = ImageTable.open(config.db, config.table)
     where = parse_filter(config.filter, column_kinds(table.schema)) if config.filter else None
-    info = model_info(config.model)
-    table.check_model(info["model_id"])
-    output = Output(config.out)
+    info = describe_model(config.model)
+    table.check_model(info.model_id)
     done = output.done_ids()
-    dataset = read_source(config.queries, config.source_format).dataset
+    listing = source_dataset(config.queries, config.source_format)
+    dataset = listing.dataset
     names = dataset.schema().names
     if "instruction" not in names:
         raise ValueError(f"{config.queries}: queries need an `instruction` column; it has {names}")
     if config.id_column not in names:
         dataset = dataset.map_batches(_add_query_ids, batch_format="pyarrow", fn_kwargs={"id_column": config.id_column})
-    dataset = read_images(dataset, done, config.id_column)
+    policy = UriPolicy.allowing([*listing.roots, *config.allow_uri_prefix])
+    dataset = read_images(dataset, done, config.id_column, policy)
     if not config.truncate_instructions:
-        dataset = check_instructions(dataset)
-    dataset = embed_images(dataset, config, info["image_size"])
+        dataset = check_instructions(dataset, "instruction")
+    dataset = embed_images(dataset, config, info.image_size, role="query", instruction_column="instruction")
     dataset = dataset.map_batches(
         SearchWorker, fn_constructor_kwargs={"db": config.db, "table": config.table, "k": config.k, "where": where,
                                              "id_column": config.id_column},

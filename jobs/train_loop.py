@@ -1,123 +1,35 @@
-"""Distributed contrastive training of MagicLens on Ray Train (v2): the options, the per-worker loop,
-checkpoint validation and export.
-
-Layout under `STORAGE/NAME/`: Ray Train's checkpoints (`checkpoint_<step>/` with `model/`, a model
-folder, and `train_state.pt`), the exported `model/` and `summary.json` once the run has finished.
-Rerunning the same name resumes from the latest checkpoint (Ray Train restores the run from its
-storage); rerunning a finished run prints its summary without starting workers (with remote storage,
-where no summary file is kept, the workers restore the final checkpoint and stop at once).
+"""Distributed contrastive training of MagicLens on Ray Train (v2): the per-worker loop, checkpoints,
+their validation and the export of the best one. `jobs.train` holds the options and runs it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from jobs.stages.triplets import read_triplets, training_dataset
 from magiclens_core import Embedder, MagicLens, MagicLensConfig, load_model, save_model
-from magiclens_core.evaluation.retrieval_set import evaluate_retrieval, read_retrieval_set
-from magiclens_core.learning.learner import Learner, Precision, TrainParts, initial_model
+from magiclens_core.evaluation.evaluator import retrieval_set_recall
+from magiclens_core.evaluation.retrieval_set import read_retrieval_set
+from magiclens_core.learning.learner import Learner
+
+if TYPE_CHECKING:
+    from jobs.train import TrainConfig
 
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
-SUMMARY_FILE = "summary.json"
 SCORE = "val_recall@1"
-# Fault-injection for tests: a worker process dies once at this step (only in an attempt that started from 0).
-FAULT_ENV = "MAGICLENS_TRAIN_KILL_AT_STEP"
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Options of `python -m jobs.train` (flags, or a YAML/JSON file given with --config)."""
-
-    triplets: str = field(metadata={"help": "Parquet or Lance triplets: query_image, instruction, target_image"})
-    init: str = field(metadata={"help": "base | large | tiny | config .json | official .pkl | model folder"})
-    name: str = field(metadata={"help": "run name; rerunning the same name resumes it"})
-    storage: str = field(default="runs", metadata={"help": "folder (or URI) of runs"})
-    backbone: str | None = field(default=None, metadata={"help": "open_clip tag or local file for base/large"})
-    export: str | None = field(default=None, metadata={"help": "model folder to export to (default: run/model)"})
-    workers: int = field(default=2, metadata={"help": "training workers"})
-    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
-    batch_size: int = field(default=64, metadata={"help": "triplets per worker per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    steps: int | None = field(default=None, metadata={"help": "optimiser steps (overrides epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the triplets, when steps is not set"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "final learning rate as a fraction of the peak"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on 1-D parameters)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
-    precision: Precision = field(default="auto", metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute tower activations"})
-    train_parts: TrainParts = field(default="all", metadata={"help": "all | head | last_blocks"})
-    last_blocks: int = field(default=2, metadata={"help": "blocks of each tower that train with last_blocks"})
-    temperature: float = field(default=0.02, metadata={"help": "softmax temperature (initial if learned)"})
-    learn_temperature: bool = field(default=False, metadata={"help": "learn the temperature"})
-    query_negatives: bool = field(default=True, metadata={"help": "query images with '' as negatives"})
-    gather_with_grad: bool = field(default=True, metadata={"help": "all-gather negatives with gradient"})
-    crop_min: float = field(default=1.0, metadata={"help": "random square crop of this..1 of the side; 1 = none"})
-    shuffle_buffer: int = field(default=1024, metadata={"help": "rows in each worker's local shuffle buffer"})
-    validation: str | None = field(default=None, metadata={"help": "retrieval-set folder or held-out triplets"})
-    validate_every: int = field(default=0, metadata={"help": "steps between validations (0: every checkpoint)"})
-    validation_batch_size: int = field(default=64, metadata={"help": "Embedder batch size for validation"})
-    validation_cpus: float = field(default=1.0, metadata={"help": "CPUs of the validation task"})
-    validation_gpus: float = field(default=0.0, metadata={"help": "GPUs of the validation task"})
-    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (best by validation R@1)"})
-    max_failures: int = field(default=3, metadata={"help": "worker-group restarts from the last checkpoint"})
-    log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
-    seed: int = field(default=0, metadata={"help": "seed of the initial weights"})
-
-    def __post_init__(self) -> None:
-        positive = ("workers", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if self.steps is None and self.epochs <= 0:
-            raise ValueError("give steps, or epochs above 0")
-        if not 0 < self.crop_min <= 1:
-            raise ValueError("crop_min must be in (0, 1]")
-        if self.validate_every % self.checkpoint_every:
-            raise ValueError("validate_every must be a multiple of checkpoint_every (validation runs on checkpoints)")
-
-
-def cpus_needed(config: TrainConfig) -> int:
-    """Logical CPUs a run needs at least: the workers', the validation task's, and one for Ray Data's
-    decoding (a local Ray gets at least this many, so data tasks never wait behind the workers)."""
-    validation = config.validation_cpus if config.validation else 0.0
-    return math.ceil(config.workers * config.cpus_per_worker + validation) + 1
-
-
-def total_steps(config: TrainConfig, count_rows: Callable[[], int]) -> int:
-    """Optimiser steps of the run: `steps`, or `epochs` over the triplets at the global batch size
-    (`count_rows` is only called then)."""
-    if config.steps is not None:
-        return config.steps
-    rows = count_rows()
-    per_epoch = rows // (config.batch_size * config.workers * config.grad_accum)
-    if per_epoch < 1:
-        raise ValueError(f"{rows} triplets are fewer than one global batch "
-                         f"({config.batch_size} x {config.workers} workers x {config.grad_accum} accumulation)")
-    return max(1, math.floor(per_epoch * config.epochs))
 
 
 # ---------------------------------------------------------------- per-worker loop
@@ -229,7 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker: resume or initialise, then train to `total_steps`, checkpointing as it goes."""
     import ray.train
 
-    config = TrainConfig(**loop_config["options"])
+    config: TrainConfig = loop_config["config"]
     total = loop_config["total_steps"]
     context = ray.train.get_context()
     learner, position = _learner(config, total, loop_config["initial_model"])
@@ -263,14 +175,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def validate_checkpoint(checkpoint, validation: str, batch_size: int) -> dict[str, float]:
-    """Recall@1/5/10 of a checkpoint's model on the validation set, through the `Embedder` (a Ray task)."""
-    retrieval_set = read_retrieval_set(validation)
+    """Recall@1/5/10 in percent of a checkpoint's model on the validation set (a Ray task), exactly as
+    `jobs.evaluate --benchmark synthetic` scores it."""
     with checkpoint.as_directory() as folder:
         embedder = Embedder.load(Path(folder) / MODEL_DIR, batch_size=batch_size)
-    return {f"val_{name}": value for name, value in evaluate_retrieval(embedder, retrieval_set).items()}
+    return {f"val_{name}": value for name, value in retrieval_set_recall(embedder, validation).items()}
 
 
-def _export(checkpoint, destination: Path) -> str:
+def export_model(checkpoint, destination: Path) -> str:
     """Copy a checkpoint's model folder to `destination` (replacing it as a whole); returns its model id."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
@@ -289,7 +201,7 @@ def _validated(result) -> list[tuple[Any, dict[str, Any]]]:
     return [(c, m) for c, m in result.best_checkpoints or [] if not math.isnan(m.get(SCORE, math.nan))]
 
 
-def _best(result) -> tuple[Any, dict[str, Any]]:
+def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
     """The checkpoint to export and its metrics: best validation R@1 when validated, else the latest."""
     validated = _validated(result)
     if validated:
@@ -307,9 +219,10 @@ def _history(result) -> list[dict[str, Any]]:
     return history
 
 
-def _summary(result, config: TrainConfig, exported: Path, model_id: str, run_dir: Path,
-             total: int) -> dict[str, Any]:
-    _, best = _best(result)
+def summarize(result, config: TrainConfig, exported: Path, model_id: str, run_dir: Path,
+              total: int) -> dict[str, Any]:
+    """The run's summary (the job's output): its steps and loss, the exported model and its validation."""
+    _, best = best_checkpoint(result)
     return {
         "run": str(run_dir), "steps": result.metrics["step"], "total_steps": total,
         "final_loss": result.metrics["loss"], "resumed_from_step": result.metrics["start_step"],
@@ -344,12 +257,12 @@ def build_trainer(config: TrainConfig, dataset, total: int, model: MagicLens, fa
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"options": asdict(config), "total_steps": total, "fault_step": fault_step,
+        train_loop_config={"config": config, "total_steps": total, "fault_step": fault_step,
                            "initial_model": ray.put((model.config.to_dict(), model.state_dict()))},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=config.name, storage_path=_storage(config),
+            name=config.name, storage_path=storage_path(config),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
@@ -359,41 +272,6 @@ def build_trainer(config: TrainConfig, dataset, total: int, model: MagicLens, fa
     )
 
 
-def _storage(config: TrainConfig) -> str:
-    """Ray Train wants an absolute local path or a URI."""
+def storage_path(config: TrainConfig) -> str:
+    """Where the run's storage is, as Ray Train wants it: an absolute local path or a URI."""
     return config.storage if "://" in config.storage else str(Path(config.storage).resolve())
-
-
-def run_training(config: TrainConfig) -> dict[str, Any]:
-    """Train (or resume, or recognise a finished run) and export; returns the summary."""
-    import ray
-    import ray.train
-
-    storage = _storage(config)
-    remote = "://" in storage
-    if config.export is None and remote:
-        raise ValueError("give --export (a local folder) when the storage is remote")
-    run_dir = Path(storage) / config.name
-    exported = Path(config.export).resolve() if config.export else run_dir / MODEL_DIR
-    total = total_steps(config, read_triplets(config.triplets).count)
-    summary_path = run_dir / SUMMARY_FILE
-    if summary_path.is_file():
-        finished = json.loads(summary_path.read_text())
-        if finished["steps"] >= total and Path(finished["model"]).is_dir():
-            return {**finished, "already_finished": True}
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if cluster_cpus < cpus_needed(config):
-        logger.warning("the cluster has %s CPUs now; this run needs %s (workers, validation and data decoding): "
-                       "it waits until the cluster grows (or lower --workers/--cpus-per-worker)",
-                       cluster_cpus, cpus_needed(config))
-    model = initial_model(config.init, config.backbone, config.seed)
-    fault = os.environ.get(FAULT_ENV)
-    dataset = training_dataset(config.triplets, model.image_size, crop_min=config.crop_min)
-    finished = build_trainer(config, dataset, total, model, int(fault) if fault else None).fit()
-    # the run as stored, where the last checkpoint's validation (finished at shutdown) is recorded too
-    result = ray.train.Result.from_path(finished.path, storage_filesystem=finished.filesystem)
-    best_checkpoint, _ = _best(result)
-    summary = _summary(result, config, exported, _export(best_checkpoint, exported), run_dir, total)
-    if not remote:
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary

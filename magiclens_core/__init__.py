@@ -1,7 +1,8 @@
 """MagicLens core library: model, official-weight loading, preprocessing and the one embedding path.
 
-Ray-free: jobs and the server build on it. The names below are imported on first use, so that
-`from magiclens_core import load_image, ImageDecodeError` does not import torch or open_clip.
+Ray-free: jobs and the server build on it. Models are built, loaded and described by `magiclens_core.factory`.
+The names below are imported on first use, so that `from magiclens_core import load_image, ImageDecodeError`
+does not import torch or open_clip.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ _EXPORTS = {
     "load_image": "magiclens_core.images.decode",
     "MagicLens": "magiclens_core.model.magiclens",
     "Embedder": "magiclens_core.embedder",
-    "create_model": "magiclens_core.weights.backbone",
-    "load_model": "magiclens_core.weights.folder",
+    "ModelInfo": "magiclens_core.factory",
+    "create_model": "magiclens_core.factory",
+    "describe_model": "magiclens_core.factory",
+    "load_model": "magiclens_core.factory",
     "save_model": "magiclens_core.weights.folder",
     "load_official_checkpoint": "magiclens_core.weights.official",
 }
@@ -35,8 +38,10 @@ __all__ = [
     "ImageDecodeError",
     "MagicLens",
     "MagicLensConfig",
+    "ModelInfo",
     "NAMED_CONFIGS",
     "create_model",
+    "describe_model",
     "load_image",
     "load_model",
     "load_official_checkpoint",
@@ -46,11 +51,11 @@ __all__ = [
 if TYPE_CHECKING:
     from magiclens_core.embedder import Embedder
     from magiclens_core.errors import BackboneWeightsUnavailable, CheckpointError
+    from magiclens_core.factory import ModelInfo, create_model, describe_model, load_model
     from magiclens_core.images.decode import ImageDecodeError, load_image
     from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
     from magiclens_core.model.magiclens import MagicLens
-    from magiclens_core.weights.backbone import create_model
-    from magiclens_core.weights.folder import load_model, save_model
+    from magiclens_core.weights.folder import save_model
     from magiclens_core.weights.official import load_official_checkpoint
 
 

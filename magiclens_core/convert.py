@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from magiclens_core.errors import CheckpointError
-from magiclens_core.weights.folder import read_model_info, save_model
+from magiclens_core.weights.folder import read_config_json, save_model
 from magiclens_core.weights.official import load_official_checkpoint
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # the same weights keep the same id: a table embedded with the .pkl accepts the folder, and back
     save_model(model, args.out_dir, metadata={"converted_from": args.checkpoint.name}, model_id=model.model_id)
-    print(json.dumps({"model_id": read_model_info(args.out_dir)["model_id"], "size": model.config.name,
+    print(json.dumps({"model_id": read_config_json(args.out_dir)["model_id"], "size": model.config.name,
                       "embed_dim": model.embed_dim, "out_dir": str(args.out_dir)}))
     return 0
 

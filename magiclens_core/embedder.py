@@ -7,23 +7,20 @@ embedded by the server and the same query embedded by a batch job give the same 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from os import PathLike
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from magiclens_core.images.decode import to_pixels
+from magiclens_core.factory import load_model
+from magiclens_core.images.pixels import to_pixels
 from magiclens_core.images.preprocess import PreprocessMode, prepare_pixels
 from magiclens_core.model.magiclens import MagicLens, l2_normalize
-from magiclens_core.weights.folder import load_model
+from magiclens_core.model.precision import Precision, autocast, resolve_precision
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -46,11 +43,7 @@ class Embedder:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.device = _resolve_device(device)
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("fp32", *_AUTOCAST_DTYPES):
-            raise ValueError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.preprocess = preprocess
         prepare_pixels(torch.zeros(3, 2, 2), 2, preprocess)  # reject an unknown mode now, not mid-job
@@ -72,9 +65,7 @@ class Embedder:
 
     def autocast(self) -> AbstractContextManager:
         """The context the model runs under: autocast to bf16/fp16, or nothing for fp32."""
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+        return autocast(self.precision, self.device)
 
     def pixels(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         """Images → one [B,3,S,S] float tensor in [0,1], each image cropped and resized on its own."""

@@ -23,6 +23,15 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI, where every test must run: {report.longrepr}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses the shared Ray instance, so `-m "not ray"` runs the quick part alone; run the
+    tests that use the shared Serve instance last (in their order), so Serve runs once, beside no other job."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: "serve_instance" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def official_tiny() -> dict:
     """The official tiny checkpoint's path, inputs (NCHW pixels, ids, texts) and reference outputs."""
@@ -44,14 +53,14 @@ def official_inputs(official_tiny) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def official_reference_embed(official_inputs, tiny_model) -> torch.Tensor:
+def official_reference_embed(official_inputs, official_model) -> torch.Tensor:
     """Embeddings of the fixture inputs by the official tiny checkpoint loaded in this library."""
     with torch.no_grad():
-        return tiny_model.embed(*official_inputs)
+        return official_model.embed(*official_inputs)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(official_tiny):
+def official_model(official_tiny):
     """The official tiny checkpoint loaded once per session (do not mutate)."""
     from magiclens_core import load_official_checkpoint
 
@@ -69,3 +78,37 @@ def ray_cluster():
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def indexed_pool(ray_cluster, tmp_path_factory):
+    """The generated image pool indexed by the real job, shared by every module that serves it (it only grows)."""
+    from served_pool import shared_pool
+
+    return shared_pool(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_cluster) -> str:
+    """The session's one Serve instance (base URL); every served application is deployed on it."""
+    from served_pool import serve_url, stop_serve
+
+    yield serve_url()
+    stop_serve()
+
+
+@pytest.fixture(scope="session")
+def search_app(serve_instance, indexed_pool):
+    """(pool, URL) of the open application at `/`: `served_pool.SEARCH_ARGS`, an autoscaling encoder and two
+    ingress replicas, as the shipped config."""
+    from served_pool import APP_NAME, SEARCH_ARGS, SEARCH_ENCODER, SEARCH_INGRESS, deploy
+
+    return indexed_pool, deploy(indexed_pool, APP_NAME, "/", SEARCH_ARGS, SEARCH_ENCODER, SEARCH_INGRESS)
+
+
+@pytest.fixture(scope="session")
+def keyed_app(serve_instance, indexed_pool):
+    """(pool, URL) of the application that needs `served_pool.API_KEY`, at `/keyed`, one replica each."""
+    from served_pool import KEYED_APP, KEYED_ARGS, ONE_REPLICA, deploy
+
+    return indexed_pool, deploy(indexed_pool, KEYED_APP, "/keyed", KEYED_ARGS, ONE_REPLICA, ONE_REPLICA)

@@ -7,6 +7,8 @@ from benchmark_folders import FIXTURES, benchmark_folder, placeholder
 from PIL import Image
 
 from magiclens_core.evaluation.benchmarks import BenchmarkDataError, ImageRef, crop_instance, load_benchmark, open_image
+from magiclens_core.images.identity import content_id
+from magiclens_core.synthetic import SyntheticWorld
 
 
 def by_id(benchmark):
@@ -211,3 +213,38 @@ def test_missing_folder_or_annotation_file_names_the_path(tmp_path):
     empty.mkdir()
     with pytest.raises(BenchmarkDataError, match="no GeneCIS annotation file"):
         load_benchmark("genecis", empty)
+
+
+def test_synthetic_reads_a_retrieval_set_folder(tmp_path):
+    world = SyntheticWorld(seed=5)
+    retrieval_set = world.benchmark(6, pool_size=20)
+    root = world.write_benchmark(tmp_path / "bench", 6, pool_size=20)
+    bench = load_benchmark("synthetic", root)
+    (task,) = bench.tasks
+    assert task.pool == retrieval_set.pool_ids and [q.id for q in bench.queries] == retrieval_set.query_ids
+    for query, text, answer, image in zip(bench.queries, retrieval_set.instructions, retrieval_set.answers,
+                                          retrieval_set.query_images, strict=True):
+        assert query.text == text and query.ground_truth == {retrieval_set.pool_ids[answer]}
+        assert bench.images[query.reference].read_bytes() == image
+    assert [bench.images[i].read_bytes() for i in task.pool] == retrieval_set.pool_images
+
+
+def test_synthetic_reads_held_out_triplets_whose_distinct_targets_are_the_pool(tmp_path):
+    world = SyntheticWorld(seed=6)
+    path = world.write_triplets(tmp_path / "held_out.parquet", 12)
+    rows = world.triplets(12)
+    bench = load_benchmark("synthetic", path)
+    (task,) = bench.tasks
+    assert len(bench.queries) == 12 and task.pool == list(dict.fromkeys(content_id(r["target_image"]) for r in rows))
+    for query, row in zip(bench.queries, rows, strict=True):
+        assert query.text == row["instruction"] and query.target == content_id(row["target_image"])
+        assert bench.images[query.target].read_bytes() == row["target_image"]
+
+
+def test_synthetic_refuses_what_is_not_a_retrieval_set(tmp_path):
+    with pytest.raises(BenchmarkDataError, match="benchmark folder not found"):
+        load_benchmark("synthetic", tmp_path / "absent")
+    with pytest.raises(BenchmarkDataError, match="not a retrieval set: give a folder with queries.parquet and pool"):
+        load_benchmark("synthetic", tmp_path)
+    with pytest.raises(BenchmarkDataError, match="has no split 'test'"):
+        load_benchmark("synthetic", tmp_path, "test")

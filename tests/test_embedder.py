@@ -5,13 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from magiclens_core import Embedder, save_model
-from magiclens_core.weights.folder import read_model_info
+from magiclens_core import Embedder, describe_model, save_model
 
 
 @pytest.fixture(scope="module")
-def embedder(tiny_model):
-    return Embedder(tiny_model, device="cpu", batch_size=2)
+def embedder(official_model):
+    return Embedder(official_model, device="cpu", batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +20,13 @@ def images():
             [(240, 320, 3), (300, 200, 3), (224, 224, 3), (64, 90, 3), (500, 260, 3)]]
 
 
-def test_queries_match_the_model_directly(embedder, tiny_model, images):
+def test_queries_match_the_model_directly(embedder, official_model, images):
     texts = ["make it red", "", "the same dish, but the recipe", "inside view", "two of them"]
     got = embedder.embed_queries(images, texts)
     with torch.no_grad():
-        expected = torch.cat([
-            tiny_model.embed(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, tiny_model.tokenize([t]))
-            for img, t in zip(images, texts, strict=True)]).numpy()
+        expected = torch.cat([official_model.embed(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255,
+                                                   official_model.tokenize([t]))
+                              for img, t in zip(images, texts, strict=True)]).numpy()
     assert got.shape == (5, 64) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
@@ -37,9 +36,9 @@ def test_targets_are_queries_with_the_empty_instruction(embedder, images):
                                atol=1e-5, rtol=0)
 
 
-def test_batch_size_does_not_change_results(tiny_model, images):
-    one = Embedder(tiny_model, device="cpu", batch_size=1).embed_targets(images)
-    many = Embedder(tiny_model, device="cpu", batch_size=16).embed_targets(images)
+def test_batch_size_does_not_change_results(official_model, images):
+    one = Embedder(official_model, device="cpu", batch_size=1).embed_targets(images)
+    many = Embedder(official_model, device="cpu", batch_size=16).embed_targets(images)
     np.testing.assert_allclose(one, many, atol=1e-5, rtol=0)
 
 
@@ -51,28 +50,28 @@ def test_pil_numpy_and_tensor_inputs_agree(embedder, images):
     np.testing.assert_allclose(embedder.embed_targets(as_tensor), reference, atol=1e-6, rtol=0)
 
 
-def test_clip_embeddings_are_the_backbones_normalised(embedder, tiny_model, images):
+def test_clip_embeddings_are_the_backbones_normalised(embedder, official_model, images):
     got_images = embedder.embed_clip_images(images[:2])
     got_texts = embedder.embed_clip_texts(["a cat", "a dog on a sofa"])
     with torch.no_grad():
         pixels = embedder.pixels(images[:2])
-        ref_images = torch.nn.functional.normalize(tiny_model.encode_image(pixels), dim=-1).numpy()
+        ref_images = torch.nn.functional.normalize(official_model.encode_image(pixels), dim=-1).numpy()
         ref_texts = torch.nn.functional.normalize(
-            tiny_model.encode_text(tiny_model.tokenize(["a cat", "a dog on a sofa"])), dim=-1).numpy()
+            official_model.encode_text(official_model.tokenize(["a cat", "a dog on a sofa"])), dim=-1).numpy()
     np.testing.assert_allclose(got_images, ref_images, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_texts, ref_texts, atol=1e-5, rtol=0)
 
 
-def test_bf16_autocast_stays_close_to_fp32(tiny_model, images):
-    fp32 = Embedder(tiny_model, device="cpu").embed_queries(images, ["make it red"] * 5)
-    bf16 = Embedder(tiny_model, device="cpu", precision="bf16").embed_queries(images, ["make it red"] * 5)
+def test_bf16_autocast_stays_close_to_fp32(official_model, images):
+    fp32 = Embedder(official_model, device="cpu").embed_queries(images, ["make it red"] * 5)
+    bf16 = Embedder(official_model, device="cpu", precision="bf16").embed_queries(images, ["make it red"] * 5)
     assert bf16.dtype == np.float32
     assert (fp32 * bf16).sum(axis=1).min() > 0.99
 
 
-def test_official_eval_mode_differs_from_model_mode_on_non_square_images(tiny_model, images):
-    model_mode = Embedder(tiny_model, device="cpu").embed_targets(images[:2])
-    eval_mode = Embedder(tiny_model, device="cpu", preprocess="official_eval").embed_targets(images[:2])
+def test_official_eval_mode_differs_from_model_mode_on_non_square_images(official_model, images):
+    model_mode = Embedder(official_model, device="cpu").embed_targets(images[:2])
+    eval_mode = Embedder(official_model, device="cpu", preprocess="official_eval").embed_targets(images[:2])
     assert np.abs(model_mode - eval_mode).max() > 1e-3
 
 
@@ -89,18 +88,18 @@ def test_empty_and_mismatched_inputs(embedder, images):
         embedder.embed_queries(images[:2], ["one"])
 
 
-def test_bad_options_are_rejected(tiny_model):
+def test_bad_options_are_rejected(official_model):
     with pytest.raises(ValueError, match="precision"):
-        Embedder(tiny_model, device="cpu", precision="int4")
+        Embedder(official_model, device="cpu", precision="int4")
     with pytest.raises(ValueError, match="preprocessing mode"):
-        Embedder(tiny_model, device="cpu", preprocess="squash")
+        Embedder(official_model, device="cpu", preprocess="squash")
     with pytest.raises(ValueError, match="batch_size"):
-        Embedder(tiny_model, device="cpu", batch_size=0)
+        Embedder(official_model, device="cpu", batch_size=0)
 
 
-def test_load_from_a_model_folder_keeps_identity(tiny_model, tmp_path, images):
-    folder = save_model(tiny_model, tmp_path / "model")
+def test_load_from_a_model_folder_keeps_identity(official_model, tmp_path, images):
+    folder = save_model(official_model, tmp_path / "model")
     loaded = Embedder.load(folder, device="cpu")
-    assert loaded.model_id == read_model_info(folder)["model_id"] and loaded.dim == 64
+    assert loaded.model_id == describe_model(folder).model_id and loaded.dim == 64
     np.testing.assert_array_equal(loaded.embed_targets(images[:2]),
-                                  Embedder(tiny_model, device="cpu").embed_targets(images[:2]))
+                                  Embedder(official_model, device="cpu").embed_targets(images[:2]))

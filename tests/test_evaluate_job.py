@@ -1,8 +1,10 @@
-"""The evaluation job end to end: a tiny model over the annotation excerpts with placeholder images, and
-scoring existing prediction files without a model."""
+"""The evaluation job end to end: a tiny model over the annotation excerpts with placeholder images, the
+same numbers as training validation on one retrieval set, and scoring existing prediction files without
+a model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from benchmark_folders import FIXTURES, benchmark_folder, placeholder
-from test_model import TINY
 
 from jobs.evaluate import EvaluateConfig, embed_rows, image_rows, main
+from jobs.train_loop import MODEL_DIR, validate_checkpoint
 from magiclens_core import Embedder, MagicLens, save_model
-from magiclens_core.evaluation.benchmarks import load_benchmark
-from magiclens_core.evaluation.report import PAPER_RESULTS
+from magiclens_core.evaluation.benchmarks import load_benchmark, protocol
+from magiclens_core.evaluation.evaluator import evaluate_embedder
 from magiclens_core.images.pixels import as_float_batch, model_pixels
+from magiclens_core.model.config import NAMED_CONFIGS
 from magiclens_core.synthetic import SyntheticWorld
+
+TINY = NAMED_CONFIGS["tiny"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_KEYS = {
@@ -62,34 +67,46 @@ def run(*argv: str) -> dict:
     return main([str(arg) for arg in argv])
 
 
+def check_circo_files(benchmark, out: Path, files: list[str]) -> None:
+    """CIRCO's server file: the top 50 of every query, ids as ints."""
+    pool = set(benchmark.tasks[0].pool)
+    assert files == [f"circo_{benchmark.split}_submission.json"]
+    data = json.loads((out / files[0]).read_text())
+    assert list(data) == [q.id for q in benchmark.queries]
+    assert all(len(v) == 50 == len(set(v)) and all(isinstance(i, int) and str(i) in pool for i in v)
+               for v in data.values())
+
+
+def check_cirr_files(benchmark, out: Path, files: list[str]) -> None:
+    """CIRR's two server files with their header: the top 50 without the reference, the top 3 of the subset."""
+    split = "test1" if benchmark.split == "test" else "val"
+    assert files == [f"cirr_{split}_recall.json", f"cirr_{split}_recall_subset.json"]
+    recall, subset = (json.loads((out / name).read_text()) for name in files)
+    assert (recall.pop("version"), recall.pop("metric")) == ("rc2", "recall")
+    assert (subset.pop("version"), subset.pop("metric")) == ("rc2", "recall_subset")
+    assert list(recall) == list(subset) == [q.id for q in benchmark.queries]
+    for query in benchmark.queries:
+        assert len(recall[query.id]) == 50 and query.reference not in recall[query.id]
+        assert len(subset[query.id]) == 3 and set(subset[query.id]) <= set(query.candidates)
+
+
+def check_predictions_file(benchmark, out: Path, files: list[str]) -> None:
+    """The benchmarks without a server: every query's ranking of its pool (or candidates), top 50."""
+    assert files == [f"{benchmark.name}_val_predictions.json"]
+    data = json.loads((out / files[0]).read_text())
+    assert list(data) == [q.id for q in benchmark.queries]
+    for task in benchmark.tasks:
+        for query in task.queries:
+            expected = set(query.candidates) if task.candidates_only else set(task.pool)
+            assert set(data[query.id]) <= expected and len(data[query.id]) == min(50, len(expected))
+
+
+SUBMISSION_CHECKS = {"circo": check_circo_files, "cirr": check_cirr_files}
+
+
 def check_submission(benchmark, out: Path, files: list[str]) -> None:
     """The files are in the benchmark's submission format and cover every query."""
-    query_ids = [q.id for q in benchmark.queries]
-    pool = set(benchmark.tasks[0].pool)
-    if benchmark.name == "circo":
-        assert files == [f"circo_{benchmark.split}_submission.json"]
-        data = json.loads((out / files[0]).read_text())
-        assert list(data) == query_ids
-        assert all(len(v) == 50 == len(set(v)) and all(isinstance(i, int) and str(i) in pool for i in v)
-                   for v in data.values())
-    elif benchmark.name == "cirr":
-        split = "test1" if benchmark.split == "test" else "val"
-        assert files == [f"cirr_{split}_recall.json", f"cirr_{split}_recall_subset.json"]
-        recall, subset = (json.loads((out / name).read_text()) for name in files)
-        assert (recall.pop("version"), recall.pop("metric")) == ("rc2", "recall")
-        assert (subset.pop("version"), subset.pop("metric")) == ("rc2", "recall_subset")
-        assert list(recall) == list(subset) == query_ids
-        for query in benchmark.queries:
-            assert len(recall[query.id]) == 50 and query.reference not in recall[query.id]
-            assert len(subset[query.id]) == 3 and set(subset[query.id]) <= set(query.candidates)
-    else:
-        assert files == [f"{benchmark.name}_val_predictions.json"]
-        data = json.loads((out / files[0]).read_text())
-        assert list(data) == query_ids
-        for task in benchmark.tasks:
-            for query in task.queries:
-                expected = set(query.candidates) if task.candidates_only else set(task.pool)
-                assert set(data[query.id]) <= expected and len(data[query.id]) == min(50, len(expected))
+    SUBMISSION_CHECKS.get(benchmark.name, check_predictions_file)(benchmark, out, files)
 
 
 @pytest.mark.parametrize("name,preprocess", [("circo", "model"), ("cirr", "model"), ("fashioniq", "model"),
@@ -108,7 +125,7 @@ def test_model_run_writes_metrics_submissions_and_report(name, preprocess, folde
 
     page = (out / "report.html").read_text()
     assert page.count('class="query"') == 4 and page.count('class="ref"') == 4
-    for base, large in PAPER_RESULTS[name][1].values():
+    for base, large in protocol(name).paper.numbers.values():
         assert f"<td>{base:.1f}</td><td>{large:.1f}</td>" in page
     assert page.count("<img ") >= 4 * 2 and "data:image/jpeg;base64," in page
 
@@ -135,30 +152,54 @@ def test_test_split_writes_only_the_submission_files(name, folders, model_dir, t
     assert "No ground truth on this split" in (tmp_path / "report.html").read_text()
 
 
-def test_pool_and_queries_embedded_on_ray_are_the_embedders_vectors_in_order(folders, model_dir):
-    """The Ray Data stages (decode tasks, `Embedder` actors) give each row the vector the in-process
-    `Embedder` gives the same pixels, GeneCIS instance crops included, whatever order batches come back in."""
+def test_queries_and_pool_embedded_in_one_ray_pass_are_the_embedders_vectors_in_order(folders, model_dir):
+    """One run of the Ray Data stages (decode tasks, `Embedder` actors) gives each query row the vector the
+    in-process `Embedder` gives its pixels and instruction, and each pool row its target vector, GeneCIS
+    instance crops included, whatever order batches come back in."""
     genecis = load_benchmark("genecis", folders["genecis"])
-    ids = [*genecis.tasks[0].pool[:5], *genecis.tasks[1].pool[:40]][::-1]
-    assert any(genecis.images[i].box for i in ids) and any(not genecis.images[i].box for i in ids)
+    pool_ids = [*genecis.tasks[0].pool[:5], *genecis.tasks[1].pool[:40]][::-1]
+    queries = [*genecis.tasks[0].queries[:2], *genecis.tasks[1].queries[:6]]
+    assert any(genecis.images[i].box for i in pool_ids) and any(not genecis.images[i].box for i in pool_ids)
     config = EvaluateConfig(benchmark="genecis", data=str(folders["genecis"]), model=str(model_dir), batch_size=4,
                             workers=2, cpus_per_worker=0.5)
     embedder = Embedder.load(model_dir)
     refused: dict[str, str] = {}
-    vectors = embed_rows(image_rows(genecis, ids), config, embedder.model.image_size, embedder.dim, refused)
-    pixels = np.stack([model_pixels(genecis.images[i].path.read_bytes(), embedder.model.image_size,
-                                    box=genecis.images[i].box)[0] for i in ids])
+    rows = image_rows(genecis, queries, pool_ids)
+    assert rows.num_rows == len(queries) + len(pool_ids)
+    vectors = embed_rows(rows, config, embedder.model.image_size, embedder.dim, refused)
     assert refused == {}
-    np.testing.assert_allclose(vectors, embedder.embed_targets(as_float_batch(pixels)), atol=2e-5)
 
-    queries = genecis.tasks[1].queries[:6]
-    query_vectors = embed_rows(image_rows(genecis, [q.id for q in queries], [q.text for q in queries],
-                                          [q.reference for q in queries]),
-                               config, embedder.model.image_size, embedder.dim, refused)
-    pixels = np.stack([model_pixels(genecis.images[q.reference].path.read_bytes(), embedder.model.image_size)[0]
-                       for q in queries])
-    expected = embedder.embed_queries(as_float_batch(pixels), [q.text for q in queries])
-    np.testing.assert_allclose(query_vectors, expected, atol=2e-5)
+    def pixels(image_ids):
+        refs = [genecis.images[i] for i in image_ids]
+        return as_float_batch(np.stack([model_pixels(ref.path.read_bytes(), embedder.model.image_size,
+                                                     box=ref.box)[0] for ref in refs]))
+
+    expected_queries = embedder.embed_queries(pixels([q.reference for q in queries]), [q.text for q in queries])
+    np.testing.assert_allclose(vectors[:len(queries)], expected_queries, atol=2e-5)
+    np.testing.assert_allclose(vectors[len(queries):], embedder.embed_targets(pixels(pool_ids)), atol=2e-5)
+
+
+def test_training_validation_and_the_job_report_the_same_numbers(model_dir, tmp_path):
+    """The validation a training run reports (`validate_checkpoint`, embedding in its own process) and
+    `jobs.evaluate --benchmark synthetic` (Ray Data stages, `Embedder` actors) score one model on one
+    retrieval set alike: the same rankings, the same recall, in percent."""
+    root = SyntheticWorld(seed=8).write_benchmark(tmp_path / "bench", 16, pool_size=40)
+    summary = run("--benchmark", "synthetic", "--data", root, "--model", model_dir, "--out", tmp_path / "out",
+                  "--batch-size", 8, "--workers", 2, "--cpus-per-worker", 0.5)
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(model_dir, folder / MODEL_DIR)
+    import ray.train
+
+    validated = validate_checkpoint(ray.train.Checkpoint.from_directory(str(folder)), str(root), batch_size=5)
+    assert validated == {f"val_recall@{k}": summary["metrics"][f"synthetic/R@{k}"] for k in (1, 5, 10)}
+    hits = {name: value * 16 / 100 for name, value in validated.items()}  # percent of 16 queries
+    assert all(count.is_integer() for count in hits.values()) and hits["val_recall@10"] <= 16
+
+    in_process = evaluate_embedder(Embedder.load(model_dir, batch_size=5), load_benchmark("synthetic", root))
+    written = json.loads((tmp_path / "out" / "synthetic_val_predictions.json").read_text())
+    assert {query: ranking[:10] for query, ranking in written.items()} == \
+        {query: ranking[:10] for query, ranking in in_process.rankings.items()}
+    assert in_process.metrics == summary["metrics"]
 
 
 def test_the_synthetic_benchmark_scores_recall_at_1_5_10(model_dir, tmp_path):
@@ -194,6 +235,7 @@ def test_scoring_only_from_the_command_line(tmp_path):
                              "--predictions", str(path)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
+    assert "Ray instance" not in result.stderr  # scoring alone starts no Ray
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["metrics"]["average/R@10"] == 100.0 and summary["queries"] == 49
 
@@ -234,6 +276,9 @@ def test_bad_flags_are_usage_errors(tmp_path, model_dir):
         run("--benchmark", "circo", "--data", FIXTURES / "circo")
     with pytest.raises(SystemExit, match="needs --out"):
         run("--benchmark", "circo", "--data", FIXTURES / "circo", "--model", model_dir)
+    with pytest.raises(SystemExit, match="circo's metrics and submission files need the top 50: use --k 50"):
+        run("--benchmark", "circo", "--data", FIXTURES / "circo", "--model", model_dir, "--out", tmp_path,
+            "--k", 10)
     with pytest.raises(SystemExit, match="predictions file not found"):
         run("--benchmark", "circo", "--data", FIXTURES / "circo", "--predictions", tmp_path / "absent.json")
 

@@ -1,20 +1,21 @@
-"""Tests for magiclens_core.images.decode: a corpus of awkward files built in tmp_path, nothing shipped."""
+"""Tests for magiclens_core.images.decode (a corpus of awkward files built in tmp_path, nothing shipped) and
+`to_pixels`, and that the light modules import no torch."""
 
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from image_files import encode, png_claiming_size
 from PIL import Image
 
-from magiclens_core.images.decode import ImageDecodeError, load_image, to_pixels
+from magiclens_core.images.decode import ImageDecodeError, load_image
+from magiclens_core.images.pixels import to_pixels
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -22,12 +23,6 @@ WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -50,15 +45,6 @@ def noisy_jpeg(width: int = 64, height: int = 64) -> bytes:
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return encode(Image.fromarray(array), "JPEG", quality=90)
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose IHDR is rewritten to claim width x height (CRC fixed up)."""
-    data = bytearray(encode(Image.new("L", (1, 1), 0), "PNG"))
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    return bytes(data)
 
 
 # --------------------------------------------------------------------------- failures
@@ -376,7 +362,7 @@ def test_to_pixels_read_only_input_does_not_warn():
     script = (
         "import numpy as np\n"
         "from PIL import Image\n"
-        "from magiclens_core.images.decode import to_pixels\n"
+        "from magiclens_core.images.pixels import to_pixels\n"
         "array = np.zeros((2, 3, 3), dtype=np.uint8)\n"
         "array.setflags(write=False)\n"
         "assert to_pixels(array).shape == (3, 2, 3)\n"
@@ -408,3 +394,24 @@ def test_to_pixels_read_only_input_does_not_warn():
 def test_to_pixels_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         to_pixels(bad)
+
+
+# --------------------------------------------------------------------------- light imports
+
+
+def test_decoding_filters_and_image_sources_import_no_torch():
+    """The HTTP ingress and CPU decode tasks import these: torch and open_clip would cost them seconds and
+    hundreds of MB. A fresh interpreter, since this test process has imported torch already."""
+    script = (
+        "import sys\n"
+        "from magiclens_core import ImageDecodeError, load_image\n"
+        "import magiclens_core.search.filters\n"
+        "import magiclens_core.images.sources\n"
+        "import magiclens_core.model.precision\n"
+        "heavy = sorted({'torch', 'open_clip'} & set(sys.modules))\n"
+        "assert not heavy, f'imported {heavy}'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], check=False, cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -17,14 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from image_files import encode, png_claiming_size
 from PIL import Image
-from test_images import encode, png_claiming_size
-from test_model import TINY
 
 from jobs.index import main
 from jobs.stages.sources import list_files, read_list
 from magiclens_core import Embedder, MagicLens, load_image, save_model
 from magiclens_core.images.identity import content_id
+from magiclens_core.model.config import NAMED_CONFIGS
+
+TINY = NAMED_CONFIGS["tiny"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = 120
@@ -118,7 +120,7 @@ def test_folder_pool_end_to_end_and_rerun(ray_cluster, model_dir, pool, tmp_path
     assert summary["rows_added"] == len(good)
     assert summary["duplicates"] == 1 and summary["rows_already_present"] == 0
     assert summary["rejected"] == summary["rejects_recorded"] == len(bad)
-    assert summary["skipped_files"] == 2  # README.md and the hidden file
+    assert summary["skipped_files"] == 2 and summary["skipped"] == {"not_an_image_name": 1, "hidden_file": 1}
     assert summary["table_rows"] == len(good) and summary["index"]["type"] is None
 
     rows = table_rows(db)
@@ -246,7 +248,8 @@ def test_listing_folders_globs_and_lists(tmp_path):
     (tmp_path / "pool" / ".DS_Store").write_bytes(b"x")
     found, skipped = list_files(str(tmp_path / "pool"))
     assert [Path(p).name for p in found] == sorted(good_images(6), key=lambda n: str(
-        Path("sub" if n.endswith(".png") else "") / n)) and skipped == 2
+        Path("sub" if n.endswith(".png") else "") / n))
+    assert skipped == {"not_an_image_name": 1, "hidden_file": 1}
     jpegs, _ = list_files(str(tmp_path / "pool" / "*.jpg"))
     assert sorted(Path(p).name for p in jpegs) == sorted(n for n in good_images(6) if n.endswith(".jpg"))
     listing = tmp_path / "pool" / "list.txt"

@@ -1,4 +1,5 @@
-"""Metrics on hand-computed cases, the oracle and the reverse ranking on every benchmark excerpt."""
+"""Metrics on hand-computed cases, the oracle and the reverse ranking on every benchmark excerpt, each scored
+by its benchmark's protocol from the registry."""
 
 import math
 import random
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from benchmark_folders import benchmark_folder
 
-from magiclens_core.evaluation.benchmarks import load_benchmark
+from magiclens_core.evaluation.benchmarks import PROTOCOLS, BenchmarkDataError, load_benchmark, protocol
 from magiclens_core.evaluation.metrics import (
     PredictionError,
     average_precision_at_k,
@@ -15,9 +16,12 @@ from magiclens_core.evaluation.metrics import (
     mean_average_precision,
     recall_at_k,
     restrict,
-    score,
     soft_recall_at_k,
 )
+
+
+def score(benchmark, rankings, subset_rankings=None, cirr_targets="hard"):
+    return protocol(benchmark.name).score(benchmark, rankings, subset_rankings, cirr_targets)
 
 
 def test_average_precision_by_hand():
@@ -80,7 +84,7 @@ def test_duplicates_missing_and_unknown_queries_are_rejected(tmp_path):
     benchmark = load_benchmark("circo", benchmark_folder("circo", tmp_path, images=False), "val")
     oracle = oracle_rankings(benchmark)
     with pytest.raises(PredictionError, match="query 3 has duplicate predictions: \\['7'\\]"):
-        check_rankings(benchmark.queries, {**oracle, "3": ["7", "1", "7"]})
+        check_rankings([q.id for q in benchmark.queries], {**oracle, "3": ["7", "1", "7"]})
     with pytest.raises(PredictionError, match="1 queries have no predictions"):
         score(benchmark, {k: v for k, v in oracle.items() if k != "0"})
     with pytest.raises(PredictionError, match="unknown queries"):
@@ -181,3 +185,40 @@ def test_circo_semantic_aspects_average_their_queries(tmp_path):
     metrics = score(circo, spoiled)
     assert metrics["semantic_mAP@10/negation"] == pytest.approx(100 * (len(negation) - 1) / len(negation))
     assert not math.isnan(metrics["mAP@10"]) and metrics["mAP@10"] < 100.0
+
+
+def test_the_registry_names_each_protocol_once_and_rejects_unknown_names():
+    assert list(PROTOCOLS) == ["circo", "cirr", "fashioniq", "dtin", "genecis", "synthetic"]
+    assert all(spec.name == name and spec.recall_ks for name, spec in PROTOCOLS.items())
+    with pytest.raises(BenchmarkDataError, match="unknown benchmark 'nope'; choose from circo, cirr"):
+        protocol("nope")
+
+
+@pytest.mark.parametrize("name", ["circo", "cirr", "fashioniq", "dtin", "genecis"])
+def test_every_number_the_paper_reports_is_a_metric_the_protocol_computes(name, tmp_path):
+    spec = protocol(name)
+    benchmark = load_benchmark(name, benchmark_folder(name, tmp_path, images=False))
+    subsets = subset_rankings(benchmark) if name == "cirr" else None
+    metrics = spec.score(benchmark, oracle_rankings(benchmark), subsets)
+    assert spec.paper.numbers and set(spec.paper.numbers) <= set(metrics)
+    assert all(0 < base < large < 100 for base, large in spec.paper.numbers.values())
+    assert spec.paper.split in spec.splits
+
+
+def test_per_task_recall_averages_tasks_not_queries(tmp_path):
+    """FashionIQ's average is the mean of its three categories, whatever their sizes."""
+    fiq = load_benchmark("fashioniq", benchmark_folder("fashioniq", tmp_path, images=False))
+    rankings = oracle_rankings(fiq)
+    spoiled = {**rankings, **{q.id: rankings[q.id][::-1] for q in fiq.tasks[0].queries}}  # dress: all last
+    metrics = score(fiq, spoiled)
+    assert metrics["dress/R@10"] == 0.0 and metrics["shirt/R@10"] == metrics["toptee/R@10"] == 100.0
+    assert metrics["average/R@10"] == pytest.approx(200 / 3)
+
+
+def test_cirr_needs_some_ranking_and_the_others_need_the_full_one(tmp_path):
+    cirr = load_benchmark("cirr", benchmark_folder("cirr", tmp_path, images=False))
+    with pytest.raises(PredictionError, match="cirr needs a ranking or a subset ranking"):
+        score(cirr, None, None)
+    genecis = load_benchmark("genecis", benchmark_folder("genecis", tmp_path, images=False))
+    with pytest.raises(PredictionError, match="genecis needs a ranking for every query"):
+        score(genecis, None, subset_rankings(genecis))

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import open_clip
 import pytest
@@ -11,12 +12,7 @@ import torch
 from magiclens_core import MagicLens, MagicLensConfig, create_model
 from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig
 
-TINY = MagicLensConfig(
-    clip=ClipConfig(embed_dim=32, image_size=64, vision_width=64, vision_layers=1, vision_heads=2,
-                    vision_patch_size=16, text_width=32, text_layers=1, text_heads=2),
-    head=HeadConfig(embed_dim=32, num_layers=1, num_heads=2, ff_dim=64, pooler_width=128),
-    name="tiny-test",
-)
+TINY = NAMED_CONFIGS["tiny"]
 
 
 @pytest.mark.parametrize("size,count", [("base", 166_433_025), ("large", 465_417_665)])
@@ -36,14 +32,22 @@ def test_towers_are_open_clips_quickgelu_models(size, name):
     assert NAMED_CONFIGS[size].clip.open_clip_name == name
 
 
-def test_custom_config_round_trips_and_embeds():
-    assert MagicLensConfig.from_dict(TINY.to_dict()) == TINY
-    model = MagicLens(TINY.to_dict()).eval()
+def test_config_round_trips_and_embeds():
+    custom = replace(TINY, head=replace(TINY.head, num_layers=1), name="custom")
+    assert MagicLensConfig.from_dict(custom.to_dict()) == custom
+    model = MagicLens(custom.to_dict()).eval()
+    assert len(model.head.layers) == 1
     pixels = torch.rand(2, 3, 50, 70)
     with torch.no_grad():
         out = model.embed(pixels, model.tokenize(["make it blue", ""]))
-    assert out.shape == (2, 32)
+    assert out.shape == (2, TINY.head.embed_dim)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_tiny_is_a_named_size():
+    model = create_model("tiny")
+    assert model.config is TINY and model.config.name == "tiny"
+    assert (model.embed_dim, model.image_size) == (64, 64)
 
 
 def test_bad_configs_are_rejected():
@@ -51,6 +55,12 @@ def test_bad_configs_are_rejected():
         MagicLensConfig.from_dict({**TINY.to_dict(), "heads": 3})
     with pytest.raises(ValueError, match="embed_dim"):
         MagicLensConfig(clip=TINY.clip, head=HeadConfig(embed_dim=48, num_heads=2, ff_dim=64, pooler_width=96))
+    with pytest.raises(ValueError, match="vision_patch_size must be a positive integer"):
+        ClipConfig(vision_patch_size="16")
+    with pytest.raises(ValueError, match="num_heads must be a positive integer"):
+        HeadConfig(num_heads=0)
+    with pytest.raises(ValueError, match="vision_mlp_ratio must be a positive number"):
+        ClipConfig(vision_mlp_ratio=True)
     with pytest.raises(ValueError, match="unknown model size"):
         MagicLens("huge")
 

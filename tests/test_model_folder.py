@@ -1,4 +1,4 @@
-"""The project's model folder (`save_model`/`load_model`) and the `magiclens_core.convert` CLI."""
+"""The project's model folder (`save_model`/`load_model`/`describe_model`) and the `magiclens_core.convert` CLI."""
 
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ import torch
 from official_format import FIXTURE_PKL, write_official
 
 from magiclens_core.errors import CheckpointError
+from magiclens_core.factory import ModelInfo, describe_model, load_model
 from magiclens_core.model.config import MagicLensConfig
-from magiclens_core.weights.folder import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    file_sha256,
-    load_model,
-    read_model_info,
-    save_model,
-)
+from magiclens_core.model.magiclens import MagicLens
+from magiclens_core.weights.folder import CONFIG_FILE, WEIGHTS_FILE, file_sha256, read_config_json, save_model
 from magiclens_core.weights.official import load_official_checkpoint, read_official_arrays
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,18 +64,18 @@ def test_round_trip_is_bit_identical(saved, official_inputs, official_reference_
 
 def test_round_trip_keeps_the_model_id(tmp_path):
     model = load_official_checkpoint(FIXTURE_PKL)
-    saved_id = read_model_info(save_model(model, tmp_path / "m"))["model_id"]
+    saved_id = read_config_json(save_model(model, tmp_path / "m"))["model_id"]
     assert saved_id.startswith(f"magiclens-{model.config.name}-")
     loaded = load_model(tmp_path / "m")
     assert loaded.model_id == saved_id
     # saving the loaded model again names the same weights the same way
-    assert read_model_info(save_model(loaded, tmp_path / "again"))["model_id"] == saved_id
+    assert read_config_json(save_model(loaded, tmp_path / "again"))["model_id"] == saved_id
 
 
 def test_model_id_depends_on_the_weights_only(tmp_path):
     first = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "a", metadata={"run": 1})
     second = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "b", metadata={"run": 2})
-    assert read_model_info(first)["model_id"] == read_model_info(second)["model_id"]
+    assert read_config_json(first)["model_id"] == read_config_json(second)["model_id"]
 
 
 def test_model_id_changes_when_weights_change(tmp_path, saved):
@@ -88,7 +83,7 @@ def test_model_id_changes_when_weights_change(tmp_path, saved):
     with torch.no_grad():
         model.head.pooler.query.add_(1e-3)
     save_model(model, tmp_path / "changed")
-    changed, original = read_model_info(tmp_path / "changed"), read_model_info(saved)
+    changed, original = read_config_json(tmp_path / "changed"), read_config_json(saved)
     assert changed["model_id"] != original["model_id"]
     assert changed["weights_sha256"] != original["weights_sha256"]
     assert load_model(tmp_path / "changed").model_id == changed["model_id"]
@@ -124,7 +119,38 @@ def test_load_model_accepts_the_official_pkl(official_inputs, official_reference
     assert torch.equal(embed(model, official_inputs), official_reference_embed)
 
 
+# --------------------------------------------------------------------------- describe_model
+
+
+@pytest.mark.parametrize("which", ["folder", "official"])
+def test_describe_model_agrees_with_the_loaded_model(saved, which):
+    path = saved if which == "folder" else FIXTURE_PKL
+    info, model = describe_model(path), load_model(path)
+    assert info == ModelInfo(model.model_id, model.config, which)
+    assert (info.dim, info.image_size, info.clip_dim) == (model.embed_dim, model.image_size, 64)
+
+
+@pytest.mark.parametrize("which", ["folder", "official"])
+def test_describe_model_does_not_build_the_network(saved, which, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_model built a MagicLens")
+
+    monkeypatch.setattr(MagicLens, "__init__", refuse)
+    assert describe_model(saved if which == "folder" else FIXTURE_PKL).format == which
+
+
+def test_describe_model_reads_config_json_only(damaged):
+    """The weights are checked when the model loads (on the workers), not when it is described."""
+    (damaged / WEIGHTS_FILE).write_bytes(b"")
+    assert describe_model(damaged).model_id == read_config_json(damaged)["model_id"]
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(damaged)
+
+
 # --------------------------------------------------------------------------- refused folders
+
+# what `describe_model` reads (config.json, the path) it refuses as `load_model` does
+READERS = pytest.mark.parametrize("read", [load_model, describe_model], ids=["load", "describe"])
 
 
 @pytest.mark.parametrize("keep", [0, 4, 100, "half", "all but one"])
@@ -138,32 +164,36 @@ def test_truncated_weights(damaged, keep):
     assert WEIGHTS_FILE in str(info.value)
 
 
+@READERS
 @pytest.mark.parametrize("text", ["{not json", "", '{"format": "magiclens-torch",', "\udcff"])
-def test_corrupt_config_json(damaged, text):
+def test_corrupt_config_json(read, damaged, text):
     (damaged / CONFIG_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(CheckpointError, match="corrupt") as info:
-        load_model(damaged)
+        read(damaged)
     assert CONFIG_FILE in str(info.value)
 
 
+@READERS
 @pytest.mark.parametrize("document", [[], "magiclens", {"format": "something-else"}])
-def test_config_json_of_another_format(damaged, document):
+def test_config_json_of_another_format(read, damaged, document):
     (damaged / CONFIG_FILE).write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="is not a magiclens-torch config"):
-        load_model(damaged)
+        read(damaged)
 
 
+@READERS
 @pytest.mark.parametrize("version", [2, "1", None])
-def test_unreadable_format_version(damaged, version):
+def test_unreadable_format_version(read, damaged, version):
     edit_config(damaged, lambda d: d.update(format_version=version))
     with pytest.raises(CheckpointError, match="format version"):
-        load_model(damaged)
+        read(damaged)
 
 
-def test_config_json_without_model_id(damaged):
+@READERS
+def test_config_json_without_model_id(read, damaged):
     edit_config(damaged, lambda d: d.pop("model_id"))
     with pytest.raises(CheckpointError, match="no model_id"):
-        load_model(damaged)
+        read(damaged)
 
 
 def test_weights_replaced_after_saving(damaged, tmp_path):
@@ -188,6 +218,7 @@ def test_config_that_does_not_match_the_weights(damaged, section, field, value):
     assert WEIGHTS_FILE in str(info.value)
 
 
+@READERS
 @pytest.mark.parametrize(
     "edit",
     [
@@ -200,18 +231,19 @@ def test_config_that_does_not_match_the_weights(damaged, section, field, value):
     ],
     ids=["zero-heads", "indivisible-heads", "string-patch", "unknown-clip-field", "unknown-key", "null-head"],
 )
-def test_invalid_config(damaged, edit):
+def test_invalid_config(read, damaged, edit):
     edit_config(damaged, lambda d: edit(d["config"]))
     with pytest.raises(CheckpointError, match="invalid model config") as info:
-        load_model(damaged)
+        read(damaged)
     assert CONFIG_FILE in str(info.value)
 
 
+@READERS
 @pytest.mark.parametrize("config", [None, "base", 5])
-def test_config_that_is_not_a_dict(damaged, config):
+def test_config_that_is_not_a_dict(read, damaged, config):
     edit_config(damaged, lambda d: d.update(config=config))
     with pytest.raises(CheckpointError, match="invalid model config"):
-        load_model(damaged)
+        read(damaged)
 
 
 def test_missing_weights(damaged):
@@ -220,35 +252,40 @@ def test_missing_weights(damaged):
         load_model(damaged)
 
 
-def test_folder_without_config_json(damaged):
+@READERS
+def test_folder_without_config_json(read, damaged):
     (damaged / CONFIG_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"is not a model folder: no {CONFIG_FILE}"):
-        load_model(damaged)
+        read(damaged)
 
 
-def test_empty_folder(tmp_path):
+@READERS
+def test_empty_folder(read, tmp_path):
     with pytest.raises(CheckpointError, match="is not a model folder"):
-        load_model(tmp_path)
+        read(tmp_path)
 
 
-def test_non_existent_path(tmp_path):
+@READERS
+def test_non_existent_path(read, tmp_path):
     path = tmp_path / "nothing-here"
     with pytest.raises(CheckpointError, match="model not found") as info:
-        load_model(path)
+        read(path)
     assert str(path) in str(info.value)
 
 
-def test_non_existent_pkl(tmp_path):
+@READERS
+def test_non_existent_pkl(read, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        load_model(tmp_path / "nothing-here.pkl")
+        read(tmp_path / "nothing-here.pkl")
 
 
+@READERS
 @pytest.mark.parametrize("name", ["model.bin", WEIGHTS_FILE, CONFIG_FILE])
-def test_file_that_is_neither_folder_nor_pkl(tmp_path, saved, name):
+def test_file_that_is_neither_folder_nor_pkl(read, tmp_path, saved, name):
     path = tmp_path / name
     path.write_bytes((saved / WEIGHTS_FILE).read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="expected a model folder"):
-        load_model(path)
+        read(path)
 
 
 # --------------------------------------------------------------------------- the convert CLI
@@ -269,9 +306,9 @@ def test_cli_converts_the_official_checkpoint(tmp_path, official_inputs, officia
     assert report["out_dir"] == str(out_dir)
     assert report["embed_dim"] == 64
     model = load_model(out_dir)
-    assert model.model_id == report["model_id"] == read_model_info(out_dir)["model_id"]
+    assert model.model_id == report["model_id"] == read_config_json(out_dir)["model_id"]
     assert torch.equal(embed(model, official_inputs), official_reference_embed)
-    assert read_model_info(out_dir)["metadata"]["converted_from"] == FIXTURE_PKL.name
+    assert read_config_json(out_dir)["metadata"]["converted_from"] == FIXTURE_PKL.name
     # the same weights, the same id: a table embedded with the .pkl accepts the converted folder
     assert model.model_id == load_official_checkpoint(FIXTURE_PKL).model_id
 

@@ -17,15 +17,20 @@ from official_format import FIXTURE_DIR, FIXTURE_PKL, official_bytes, write_offi
 from magiclens_core.errors import CheckpointError
 from magiclens_core.model.config import NAMED_CONFIGS
 from magiclens_core.model.magiclens import MagicLens
+from magiclens_core.weights.folder import file_sha256
 from magiclens_core.weights.official import (
     _official_shapes,
     infer_config,
     load_official_checkpoint,
     map_official_arrays,
+    official_model_id,
     read_official_arrays,
+    read_official_config,
 )
 
 FFN2_BIAS = "multimodal_encoder/x_layers_0/ff_layer/ffn_layer2/bias/b"
+# the full load and the shapes-only read (what `describe_model` uses) refuse the same files
+READERS = pytest.mark.parametrize("read", [load_official_checkpoint, read_official_config], ids=["load", "shapes"])
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,19 @@ def test_written_checkpoint_round_trips(tmp_path, arrays, official_inputs, offic
     model = load_official_checkpoint(path)
     with torch.no_grad():
         assert torch.equal(model.embed(*official_inputs), official_reference_embed)
+
+
+def test_shapes_only_read_has_every_shape_and_dtype_but_no_values(arrays):
+    shapes = read_official_arrays(FIXTURE_PKL, shapes_only=True)
+    assert list(shapes) == list(arrays)
+    assert all(shapes[k].shape == v.shape and shapes[k].dtype == v.dtype for k, v in arrays.items())
+    assert all(not value.flags.writeable and not value.any() for value in shapes.values())
+    assert read_official_config(FIXTURE_PKL) == infer_config(arrays)
+
+
+def test_model_id_is_derived_from_the_file_sha256():
+    expected = f"magiclens-official-{file_sha256(FIXTURE_PKL)[:12]}"
+    assert official_model_id(FIXTURE_PKL) == load_official_checkpoint(FIXTURE_PKL).model_id == expected
 
 
 def test_float16_checkpoint_loads_as_float32(tmp_path, arrays, official_inputs, official_reference_embed):
@@ -136,9 +154,9 @@ def test_narrower_feed_forward_is_inferred(tmp_path, arrays, official_inputs):
         assert torch.isfinite(model.embed(*official_inputs)).all()
 
 
-@pytest.mark.parametrize("name", ["base", "large", "tiny"])
+@pytest.mark.parametrize("name", [*NAMED_CONFIGS, "fixture"])
 def test_shape_table_and_inference_are_inverse(arrays, name):
-    config = infer_config(arrays) if name == "tiny" else NAMED_CONFIGS[name]
+    config = infer_config(arrays) if name == "fixture" else NAMED_CONFIGS[name]
     shapes = _official_shapes(config)
     # zero-copy placeholders: only the shapes matter to inference and mapping
     placeholders = {key: np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
@@ -148,7 +166,7 @@ def test_shape_table_and_inference_are_inverse(arrays, name):
     assert mapped == model_shapes
     inferred = infer_config(placeholders)
     assert inferred == config
-    if name != "tiny":
+    if name != "fixture":
         assert inferred is NAMED_CONFIGS[name]
 
 
@@ -161,19 +179,21 @@ def test_fixture_shapes_match_the_shape_table(arrays):
 # --------------------------------------------------------------------------- refused arrays
 
 
-def test_missing_array_is_named(tmp_path, arrays):
+@READERS
+def test_missing_array_is_named(read, tmp_path, arrays):
     key = "contrastive_multimodal_pooler/pool_attn_ln/bias"
     path = write_official(tmp_path / "missing.pkl", without(arrays, key))
     with pytest.raises(CheckpointError, match="missing") as info:
-        load_official_checkpoint(path)
+        read(path)
     assert key in str(info.value)
 
 
-def test_missing_array_needed_for_inference_is_named(tmp_path, arrays):
+@READERS
+def test_missing_array_needed_for_inference_is_named(read, tmp_path, arrays):
     key = "clip/visual/conv1/kernel"
     path = write_official(tmp_path / "no_conv.pkl", without(arrays, key))
     with pytest.raises(CheckpointError, match=re.escape(key)):
-        load_official_checkpoint(path)
+        read(path)
 
 
 def test_first_layer_missing_is_refused(tmp_path, arrays):
@@ -182,18 +202,20 @@ def test_first_layer_missing_is_refused(tmp_path, arrays):
         load_official_checkpoint(path)
 
 
-def test_extra_array_is_named(tmp_path, arrays):
+@READERS
+def test_extra_array_is_named(read, tmp_path, arrays):
     key = "multimodal_encoder/bogus/w"
     path = write_official(tmp_path / "extra.pkl", {**arrays, key: np.zeros((4, 4), np.float32)})
     with pytest.raises(CheckpointError, match="unexpected") as info:
-        load_official_checkpoint(path)
+        read(path)
     assert key in str(info.value)
 
 
-def test_gap_in_layer_numbers_is_refused(tmp_path, arrays):
+@READERS
+def test_gap_in_layer_numbers_is_refused(read, tmp_path, arrays):
     renamed = {k.replace("x_layers_1/", "x_layers_2/"): v for k, v in arrays.items()}
     with pytest.raises(CheckpointError) as info:
-        load_official_checkpoint(write_official(tmp_path / "gap.pkl", renamed))
+        read(write_official(tmp_path / "gap.pkl", renamed))
     assert "x_layers_1/" in str(info.value) and "x_layers_2/" in str(info.value)
 
 
@@ -212,10 +234,11 @@ def test_gap_in_layer_numbers_is_refused(tmp_path, arrays):
         ("contrastive_multimodal_pooler/pool_attn_ln/bias", (65,)),
     ],
 )
-def test_misshaped_array_is_named(tmp_path, arrays, key, shape):
+@READERS
+def test_misshaped_array_is_named(read, tmp_path, arrays, key, shape):
     path = write_official(tmp_path / "misshaped.pkl", replaced(arrays, key, np.zeros(shape, np.float32)))
     with pytest.raises(CheckpointError) as info:
-        load_official_checkpoint(path)
+        read(path)
     assert key in str(info.value)
     assert str(shape) in str(info.value)
 
@@ -228,10 +251,11 @@ def test_misshaped_array_is_named(tmp_path, arrays, key, shape):
         ("multimodal_encoder/x_layers_0/self_attention/query/w", (64, 128)),
     ],
 )
-def test_wrong_rank_of_an_inference_array_is_named(tmp_path, arrays, key, shape):
+@READERS
+def test_wrong_rank_of_an_inference_array_is_named(read, tmp_path, arrays, key, shape):
     path = write_official(tmp_path / "rank.pkl", replaced(arrays, key, np.zeros(shape, np.float32)))
     with pytest.raises(CheckpointError, match=re.escape(key)):
-        load_official_checkpoint(path)
+        read(path)
 
 
 @pytest.mark.parametrize(
@@ -242,21 +266,23 @@ def test_wrong_rank_of_an_inference_array_is_named(tmp_path, arrays, key, shape)
         ("contrastive_multimodal_pooler/pool_attn/query/w", (64, 4, 64)),  # pooler heads != fusion heads
     ],
 )
-def test_inconsistent_architecture_is_a_checkpoint_error(tmp_path, arrays, key, shape):
+@READERS
+def test_inconsistent_architecture_is_a_checkpoint_error(read, tmp_path, arrays, key, shape):
     path = write_official(tmp_path / "inconsistent.pkl", replaced(arrays, key, np.zeros(shape, np.float32)))
     with pytest.raises(CheckpointError):
-        load_official_checkpoint(path)
+        read(path)
 
 
 # --------------------------------------------------------------------------- refused files
 
 
-def test_truncated_file(tmp_path):
+@READERS
+def test_truncated_file(read, tmp_path):
     data = FIXTURE_PKL.read_bytes()
     path = tmp_path / "half.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
-        load_official_checkpoint(path)
+        read(path)
     assert str(path) in str(info.value)
 
 
@@ -299,13 +325,14 @@ class _Exploit:
         return (os.system, (self.command,))
 
 
-def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+@READERS
+def test_malicious_pickle_is_refused_without_running_it(read, tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(_Exploit(f"touch {marker}")))
     assert b"system" in path.read_bytes()
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        load_official_checkpoint(path)
+        read(path)
     assert not marker.exists()
 
 
@@ -346,16 +373,18 @@ def test_unknown_extension_type_is_refused(tmp_path):
         read_official_arrays(path)
 
 
-def test_array_record_with_wrong_byte_count_is_refused(tmp_path):
+@pytest.mark.parametrize("shapes_only", [False, True])
+def test_array_record_with_wrong_byte_count_is_refused(tmp_path, shapes_only):
     record = msgpack.ExtType(1, msgpack.packb(([4, 4], "float32", b"\0" * 12)))
     path = tmp_path / "short_array.pkl"
     path.write_bytes(pickle.dumps(msgpack.packb({"params": {"x": record}})))
-    with pytest.raises(CheckpointError):
-        read_official_arrays(path)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_official_arrays(path, shapes_only=shapes_only)
 
 
-def test_missing_file(tmp_path):
+@READERS
+def test_missing_file(read, tmp_path):
     path = tmp_path / "nowhere.pkl"
     with pytest.raises(CheckpointError, match="checkpoint not found") as info:
-        load_official_checkpoint(path)
+        read(path)
     assert str(path) in str(info.value)

@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from image_files import encode, png_claiming_size
 from PIL import Image
-from test_images import encode, png_claiming_size
 
-from magiclens_core.images.decode import ImageDecodeError, load_image, to_pixels
-from magiclens_core.images.pixels import as_float_batch, check_header, decode_on_device, model_pixels
+from magiclens_core.images.decode import ImageDecodeError, load_image
+from magiclens_core.images.pixels import as_float_batch, check_header, decode_on_device, model_pixels, to_pixels
 from magiclens_core.images.preprocess import prepare_pixels
 
 

@@ -59,17 +59,17 @@ def test_official_eval_divides_by_max_and_squashes_without_crop():
     np.testing.assert_allclose(brighter, got, atol=1e-6, rtol=0)  # each image scaled by its own max
 
 
-def test_batched_input_equals_per_image(tiny_model):
+def test_batched_input_equals_per_image(official_model):
     rng = np.random.default_rng(3)
     batch = torch.from_numpy(rng.random((3, 3, 240, 320), dtype=np.float32))
-    together = tiny_model.prepare(batch)
-    alone = torch.stack([tiny_model.prepare(batch[i:i + 1])[0] for i in range(3)])
+    together = official_model.prepare(batch)
+    alone = torch.stack([official_model.prepare(batch[i:i + 1])[0] for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
 
 
-def test_normalisation_uses_clip_statistics(tiny_model):
+def test_normalisation_uses_clip_statistics(official_model):
     grey = torch.full((1, 3, SIZE, SIZE), 0.5)
-    got = tiny_model.prepare(grey)[0, :, 0, 0]
+    got = official_model.prepare(grey)[0, :, 0, 0]
     expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(got, expected)
 

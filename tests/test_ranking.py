@@ -1,9 +1,11 @@
-"""Exact cosine ranking: chunked top-k against a brute-force sort, exclusions, small pools, stable ties."""
+"""Exact cosine ranking: chunked top-k against a brute-force sort, exclusions, small pools, ties in pool
+order, and a benchmark's tasks ranked as the protocols need them."""
 
 import numpy as np
 import pytest
 
-from magiclens_core.evaluation.ranking import rank_candidates, rank_pool
+from magiclens_core.evaluation.benchmarks import Query, Task
+from magiclens_core.evaluation.ranking import rank_candidates, rank_pool, rank_tasks
 
 
 def brute_force(queries, pool, ids, k, exclude=None):
@@ -53,3 +55,45 @@ def test_candidates_rank_by_similarity_and_ties_keep_their_listed_order():
     query = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
     assert rank_candidates(query, pool, ids, [["b", "a-copy", "c", "a"], ["a", "c"]]) == \
         [["a-copy", "a", "c", "b"], ["c", "a"]]
+
+
+def test_ties_rank_in_pool_order_inside_the_top_k_and_at_the_cut():
+    """Equal scores never depend on the sort: the earlier pool row ranks first, and where the k-th place
+    falls inside a run of equal scores the earliest rows of the run are the ones kept."""
+    ids = [f"p{i}" for i in range(8)]
+    pool = np.array([[0, 1], [1, 0], [0, 1], [1, 0], [0.6, 0.8], [1, 0], [0, 1], [1, 0]], dtype=np.float32)
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert rank_pool(query, pool, ids, 3) == [["p1", "p3", "p5"]]            # five rows tie for first
+    assert rank_pool(query, pool, ids, 6) == [["p1", "p3", "p5", "p7", "p4", "p0"]]
+    assert rank_pool(query, pool, ids, 2, exclude=["p1"]) == [["p3", "p5"]]
+    collapsed = np.ones((6, 4), dtype=np.float32)  # a model that embeds everything alike
+    assert rank_pool(np.ones((3, 4)), collapsed, ids[:6], 4, max_scores=6) == [ids[:4]] * 3
+    assert rank_pool(np.ones((1, 4)), collapsed, ids[:6], 2, exclude=["p0"]) == [["p1", "p2"]]
+
+
+def test_the_same_vectors_in_another_pool_order_rank_the_same_when_nothing_ties():
+    rng = np.random.default_rng(2)
+    queries, pool = rng.normal(size=(20, 8)), rng.normal(size=(60, 8))
+    ids = [str(i) for i in range(60)]
+    order = rng.permutation(60)
+    assert rank_pool(queries, pool, ids, 10) == rank_pool(queries, pool[order], [ids[i] for i in order], 10)
+
+
+def _query(query_id, **fields):
+    return Query(id=query_id, reference="r", text="t", **fields)
+
+
+def test_tasks_rank_their_own_pool_candidates_and_subsets():
+    ids = ["a", "b", "c", "d"]
+    pool = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.5, 0.5]], dtype=np.float32)
+    tasks = [Task("pooled", [_query("q0", exclude="a", candidates=("c", "d")), _query("q1", candidates=("a", "b"))],
+                  ids),
+             Task("own", [_query("q2", candidates=("c", "a", "d"))], ["c", "a", "d"], candidates_only=True)]
+    queries = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)
+    rankings, subsets = rank_tasks(tasks, queries, ids, pool, k=2)
+    assert rankings == {"q0": ["b", "d"], "q1": ["c", "d"], "q2": ["a", "d", "c"]}  # q0 without its "a"
+    assert subsets == {"q0": ["d", "c"], "q1": ["b", "a"]}
+    plain = [Task("plain", [_query("q0"), _query("q1")], ids)]
+    assert rank_tasks(plain, queries[:2], ids, pool, k=1) == ({"q0": ["a"], "q1": ["c"]}, None)
+    with pytest.raises(ValueError, match="3 query vectors for 2 queries"):
+        rank_tasks(plain, queries, ids, pool, k=1)

@@ -31,8 +31,10 @@ def write_queries(path, rows: list[dict]) -> str:
 
 
 def run_job(pool, queries: str, out, *extra: str) -> dict:
+    folders = sorted({str(path.parent) for path in pool.files.values()})  # the query images live beside the pool
     return retrieve.main(["--queries", queries, "--model", pool.model, "--db", pool.db, "--table", pool.table,
-                          "--out", str(out), "--k", str(K), "--batch-size", "8", *extra])
+                          "--out", str(out), "--k", str(K), "--batch-size", "8", "--allow-uri-prefix", *folders,
+                          *extra])
 
 
 def test_the_job_answers_as_the_server_does_and_resumes(served, tmp_path):
@@ -41,17 +43,18 @@ def test_the_job_answers_as_the_server_does_and_resumes(served, tmp_path):
     instructions = ["", "in blue", "two of them", "on the left", ""]
     good = [{"query_id": f"q{n}", "uri": str(items[n][1]), "instruction": instructions[n % 5]} for n in range(10)]
     bad = [{"query_id": "missing", "uri": str(tmp_path / "gone.png"), "instruction": ""},
-           {"query_id": "wordy", "uri": str(items[0][1]), "instruction": "very " * 80}]
+           {"query_id": "wordy", "uri": str(items[0][1]), "instruction": "very " * 80},
+           {"query_id": "outside", "uri": "file:///etc/hostname", "instruction": ""}]
     out = tmp_path / "results.parquet"
 
     first = run_job(pool, write_queries(tmp_path / "q1.parquet", good[:6] + bad), out)
-    assert (first["queries_searched"], first["already_done"], first["rejected"]) == (6, 0, 2)
+    assert (first["queries_searched"], first["already_done"], first["rejected"]) == (6, 0, 3)
     rejects = pq.read_table(out / "_rejects.parquet").to_pylist()
-    assert {(row["query_id"], row["reason"]) for row in rejects} == {("missing", "unreadable"),
-                                                                      ("wordy", "instruction_too_long")}
+    assert {(row["query_id"], row["reason"]) for row in rejects} == {
+        ("missing", "unreadable"), ("wordy", "instruction_too_long"), ("outside", "uri_not_allowed")}
 
     second = run_job(pool, write_queries(tmp_path / "q2.parquet", good + bad), out)  # a rerun after a stop
-    assert (second["queries_searched"], second["already_done"], second["rejected"]) == (4, 6, 2)
+    assert (second["queries_searched"], second["already_done"], second["rejected"]) == (4, 6, 3)
     results = pq.read_table(out).to_pylist()
     assert sorted(row["query_id"] for row in results) == sorted(query["query_id"] for query in good)
     by_id = {row["query_id"]: row for row in results}

@@ -1,4 +1,5 @@
-"""The LanceDB image table (magiclens_core.search.store): schema, appends, exact and tuned ANN search, rejects."""
+"""The LanceDB image table (magiclens_core.search.store) and its index policy (magiclens_core.search.index_policy):
+schema, appends, exact and tuned ANN search, rejects."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from magiclens_core.search.store import SEARCH_KEY, ImageTable, image_schema, index_table
+from magiclens_core.search.index_policy import build_index, index_table, tune
+from magiclens_core.search.store import SEARCH_KEY, ImageTable, IndexKind, image_schema
 
 
 def unit(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -85,6 +87,28 @@ def test_reopening_with_another_vector_type_is_refused(tmp_path):
         ImageTable.open(str(tmp_path / "db"), "other")
 
 
+def test_add_inserts_each_id_once(tmp_path):
+    table = make_table(tmp_path, unit(5, 8))
+    version = table.version
+    again = {"id": ["i1", "new", "new", "i4", "other"], "vector": unit(5, 8, seed=1)}
+    assert table.add(again) == 2  # i1 and i4 are in the table, `new` is given twice
+    assert table.version == version + 1 and table.count() == 7
+    assert sorted(table.ids().tolist()) == sorted(f"i{n}".encode() for n in range(5)) + [b"new", b"other"]
+    first_new = table.get(["new"], ["vector"]).column("vector").to_pylist()[0]
+    np.testing.assert_allclose(first_new, again["vector"][1], atol=1e-6)
+    assert table.add(again) == 0 and table.version == version + 2  # a commit that inserts nothing
+
+
+def test_a_table_made_without_a_primary_key_gets_one_on_its_first_add(tmp_path):
+    plain = pa.schema([field.remove_metadata() for field in image_schema(8)])
+    lancedb.connect(str(tmp_path / "db")).create_table("pool", schema=plain)
+    table = ImageTable.open(str(tmp_path / "db"), "pool")
+    assert table.add({"id": ["a", "b"], "vector": unit(2, 8)}) == 2
+    key = lance.dataset(table.uri).schema.field("id").metadata
+    assert key == {b"lance-schema:unenforced-primary-key": b"true"}
+    assert ImageTable.open(str(tmp_path / "db"), "pool").add({"id": ["b", "c"], "vector": unit(2, 8)}) == 1
+
+
 def test_check_model(tmp_path):
     table = make_table(tmp_path, unit(3, 8))
     table.check_model("m1")
@@ -107,18 +131,35 @@ def test_rejects_are_recorded_once(tmp_path):
     assert table.num_rows == 44
 
 
-@pytest.mark.parametrize(("kind", "build"), [("ivf_pq", {"num_partitions": 16, "num_sub_vectors": 8}),
-                                             ("ivf_hnsw_sq", {"num_partitions": 2})])
+def test_rejects_of_images_given_as_bytes_are_recorded_once_per_id(tmp_path):
+    rejects = ImageTable.rejects_of(str(tmp_path / "db"), "pool")
+    rows = pa.table({"uri": [None, None, None, "/c.jpg"], "id": ["h1", "h2", "h1", None],
+                     "reason": ["corrupt", "corrupt", "corrupt", "unreadable"], "detail": ["x", "y", "x", "z"]})
+    assert rejects.add_new(rows) == 3 and rejects.add_new(rows) == 0
+    table = lancedb.connect(str(tmp_path / "db")).open_table("pool_rejects").to_arrow()
+    assert sorted(table["key"].to_pylist()) == ["/c.jpg", "id:h1", "id:h2"]
+
+
+def test_a_rejects_table_made_before_the_key_column_still_records_once(tmp_path):
+    old = pa.schema([pa.field(name, pa.string()) for name in ("id", "uri", "reason", "detail")])
+    lancedb.connect(str(tmp_path / "db")).create_table("pool_rejects", schema=old)
+    rejects = ImageTable.rejects_of(str(tmp_path / "db"), "pool")
+    rows = pa.table({"uri": ["/a.jpg", "/a.jpg", "/b.jpg"], "reason": ["corrupt", "corrupt", "empty"]})
+    assert rejects.add_new(rows) == 2 and rejects.add_new(rows) == 0
+
+
+@pytest.mark.parametrize(("kind", "build"), [(IndexKind.IVF_PQ, {"num_partitions": 16, "num_sub_vectors": 8}),
+                                             (IndexKind.IVF_HNSW_SQ, {"num_partitions": 2})])
 def test_index_tuning_reaches_the_target_and_is_stored(tmp_path, kind, build):
     vectors = clustered(6000, 32)
     table = make_table(tmp_path, vectors)
-    used = table.build_index(kind, **build)
+    used = build_index(table, kind, **build)
     assert used["rows"] == 6000 and used["num_partitions"] == build["num_partitions"]
-    params = table.tune(target_recall=0.9, queries=40, build=used)
+    params = tune(table, target_recall=0.9, queries=40, build=used)
     print(f"{kind}: measured recall@10 {params.recall_at_10} with nprobes={params.nprobes} "
           f"refine={params.refine_factor} ef={params.ef}, p50 {params.p50_ms} ms")
     assert params.recall_at_10 >= 0.9
-    assert params.index_type is not None and params.nprobes >= 1
+    assert params.index_type == kind.value and params.nprobes >= 1
     # stored with the table, where a plain lancedb reader finds it
     field = lancedb.connect(str(tmp_path / "db")).open_table("pool").schema.field("vector")
     stored = json.loads(field.metadata[SEARCH_KEY.encode()])

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from magiclens_core.evaluation.retrieval_set import from_triplets, read_retrieval_set, recall_at_k
+from magiclens_core.evaluation.retrieval_set import from_triplets, read_retrieval_set
 from magiclens_core.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -103,15 +103,6 @@ def test_triplets_file_is_parquet_and_a_retrieval_set(tmp_path):
     assert [as_set.pool_images[a] for a in as_set.answers] == [r["target_image"] for r in rows]
     deduplicated = from_triplets([b"q1", b"q2"], ["a", "b"], [b"same", b"same"])
     assert deduplicated.answers == [0, 0] and len(deduplicated.pool_images) == 1
-
-
-def test_recall_counts_ties_against_the_right_answer():
-    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
-    pool = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    # query 0: right answer first; query 1: answer 2 ties with item 1, so it ranks second
-    assert recall_at_k(queries, pool, [0, 2], ks=(1, 2)) == {"recall@1": 0.5, "recall@2": 1.0}
-    collapsed = np.ones((3, 2))
-    assert recall_at_k(np.ones((2, 2)), collapsed, [0, 1], ks=(1,)) == {"recall@1": 0.0}
 
 
 def test_bad_retrieval_sets_are_rejected(tmp_path):

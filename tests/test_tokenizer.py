@@ -34,14 +34,14 @@ def test_exactly_77_tokens_is_allowed():
     assert tokenizer([text])[0, -1] == EOT
 
 
-def test_exclamation_mark_is_token_zero_and_masked_like_official(tiny_model):
+def test_exclamation_mark_is_token_zero_and_masked_like_official(official_model):
     """The official text mask drops keys whose id is 0, and a '!' inside a word ('!=' → '!', '=') is
     id 0 in CLIP's vocabulary: its embedding must not reach the pooled text embedding, while other
     tokens' embeddings do."""
-    ids = tiny_model.tokenize(["wow != great"])
+    ids = official_model.tokenize(["wow != great"])
     assert ids[0, 2] == 0 and ids[0, 3] != 0
     other = int(ids[0, 1])
-    model = tiny_model
+    model = official_model
     with torch.no_grad():
         before = model.encode_text(ids).clone()
         saved = model.clip.token_embedding.weight.clone()
@@ -57,10 +57,10 @@ def test_exclamation_mark_is_token_zero_and_masked_like_official(tiny_model):
     assert not torch.allclose(before, after_other, atol=1e-3)
 
 
-def test_text_encoding_does_not_depend_on_padding_length(tiny_model):
+def test_text_encoding_does_not_depend_on_padding_length(official_model):
     """Encoding cuts the sequence after the longest text; a short text alone or beside a long one agrees."""
-    ids = tiny_model.tokenize(["short", "a much longer instruction with many more words in it"])
+    ids = official_model.tokenize(["short", "a much longer instruction with many more words in it"])
     with torch.no_grad():
-        together = tiny_model.encode_text(ids)[0]
-        alone = tiny_model.encode_text(ids[:1])[0]
+        together = official_model.encode_text(ids)[0]
+        alone = official_model.encode_text(ids[:1])[0]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)

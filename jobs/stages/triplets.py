@@ -10,15 +10,15 @@ used is dropped with a logged reason.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from magiclens_core.images.decode import ImageDecodeError, to_pixels
-from magiclens_core.images.pixels import model_pixels, to_uint8
+from jobs.stages.sources import is_lance_dataset
+from magiclens_core.images.decode import ImageDecodeError
+from magiclens_core.images.pixels import model_pixels, to_pixels, to_uint8
 from magiclens_core.images.preprocess import resize
-from magiclens_core.images.sources import load_image_source, read_source
+from magiclens_core.images.sources import image_bytes_or_path, load_image_source
 from magiclens_core.model.tokenizer import Tokenizer
 
 TRIPLET_COLUMNS = ["query_image", "instruction", "target_image"]
@@ -27,16 +27,11 @@ PIXEL_COLUMNS = ("query_pixels", "target_pixels")
 logger = logging.getLogger(__name__)
 
 
-def is_lance(path: str) -> bool:
-    """Whether a source is a Lance dataset (a `.lance` folder, or one with Lance's `_versions`)."""
-    return path.rstrip("/").endswith(".lance") or (Path(path) / "_versions").is_dir()
-
-
 def read_triplets(source: str):
     """A lazy Ray Dataset of the triplet columns of a Parquet or Lance source (file, folder or URI)."""
     import ray.data
 
-    if is_lance(source):
+    if is_lance_dataset(source):
         return ray.data.read_lance(source, columns=TRIPLET_COLUMNS)
     return ray.data.read_parquet(source, shuffle="files").select_columns(TRIPLET_COLUMNS)
 
@@ -55,7 +50,7 @@ def image_to_model_pixels(value, image_size: int, crop_min: float, rng: np.rando
     """One image cell → uint8 [S,S,3]: `model_pixels` (the Embedder's geometry), or with `crop_min` < 1 a
     random square crop resized to the model's size."""
     if crop_min >= 1.0:
-        return model_pixels(read_source(value), image_size)[0]
+        return model_pixels(image_bytes_or_path(value), image_size)[0]
     cropped = random_square_crop(to_pixels(load_image_source(value)), crop_min, rng)
     return to_uint8(resize(cropped, image_size)).numpy()
 

@@ -10,20 +10,8 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 
-from magiclens_core.evaluation.benchmarks.base import Benchmark, ImageRef, Query, open_image
+from magiclens_core.evaluation.benchmarks.base import Benchmark, ImageRef, PaperResults, Query, open_image
 from magiclens_core.images.decode import ImageDecodeError
-
-# The paper's numbers (Zhang et al., ICML 2024) as (MagicLens-B, MagicLens-L), and the split they are on.
-PAPER_RESULTS: dict[str, tuple[str, dict[str, tuple[float, float]]]] = {
-    "circo": ("test", {"mAP@5": (23.1, 29.6), "mAP@10": (23.8, 30.8), "mAP@25": (25.8, 33.4),
-                       "mAP@50": (26.7, 34.4)}),
-    "cirr": ("test", {"R@1": (27.0, 30.1), "R@5": (58.0, 61.7), "R@10": (70.9, 74.4), "R@50": (91.1, 92.6),
-                      "R_subset@1": (66.7, 68.1), "R_subset@2": (83.9, 84.8), "R_subset@3": (92.4, 93.2)}),
-    "fashioniq": ("val", {"dress/R@10": (21.5, 25.5), "shirt/R@10": (27.3, 32.7), "toptee/R@10": (30.2, 34.0),
-                          "average/R@10": (26.3, 30.7)}),
-    "dtin": ("val", {"average/R@10": (28.3, 41.5)}),
-    "genecis": ("val", {"average/R@1": (15.0, 16.3)}),
-}
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -51,9 +39,10 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def metrics_table(benchmark: Benchmark, metrics: Mapping[str, float]) -> str:
-    """Our metrics and the paper's MagicLens-B/L numbers, one row per metric either side has."""
-    paper_split, paper = PAPER_RESULTS.get(benchmark.name, ("", {}))
+def metrics_table(benchmark: Benchmark, metrics: Mapping[str, float], paper: PaperResults | None) -> str:
+    """Our metrics and the paper's MagicLens-B/L numbers (the protocol's `paper`), one row per metric either
+    side has."""
+    paper_split, paper = (paper.split, paper.numbers) if paper else ("", {})
     rows = []
     for name in [*metrics, *(name for name in paper if name not in metrics)]:
         base, large = paper.get(name, (None, None))
@@ -86,15 +75,15 @@ def sample_queries(queries: Sequence[Query], count: int) -> list[Query]:
 
 
 def write_report(path: str | PathLike, benchmark: Benchmark, metrics: Mapping[str, float],
-                 rankings: Mapping[str, Sequence[str]], model_id: str | None = None,
-                 files: Sequence[str] = (), samples: int = 12, top: int = 5) -> Path:
+                 rankings: Mapping[str, Sequence[str]], paper: PaperResults | None = None,
+                 model_id: str | None = None, files: Sequence[str] = (), samples: int = 12, top: int = 5) -> Path:
     """Write a self-contained `report.html` (thumbnails are inline) and return its path."""
     title = f"MagicLens evaluation: {benchmark.name} ({benchmark.split})"
     notes = [f"model: {html.escape(model_id or 'unnamed')}",
              f"queries: {len(benchmark.queries)}"]
     notes += [f"missing: {html.escape(name)} ({html.escape(str(where))})" for name, where in benchmark.missing.items()]
     notes += [f"file: {html.escape(name)}" for name in files]
-    table = metrics_table(benchmark, metrics) if metrics else \
+    table = metrics_table(benchmark, metrics, paper) if metrics else \
         "<p>No ground truth on this split: submit the files above to the benchmark's server.</p>"
     grid = "".join(query_row(benchmark, query, rankings[query.id], top)
                    for query in sample_queries(benchmark.queries, samples))

@@ -1,28 +1,24 @@
-"""Held-out retrieval sets (queries + a pool of candidate targets, one right answer each) and their recall.
+"""Held-out retrieval sets: queries and a pool of candidate targets, one right answer each. They are
+scored as the `synthetic` benchmark (`benchmarks/synthetic.py`), by training validation and `jobs.evaluate`.
 
 On disk a retrieval set is a folder with `queries.parquet` (`query_id`, `query_image`, `instruction`,
-`target_id`)
-and `pool.parquet` (`id`, `image`); image cells are encoded bytes, paths or URIs. A triplets file
+`target_id`) and `pool.parquet` (`id`, `image`); image cells are encoded bytes, paths or URIs. A triplets file
 (`query_image`, `instruction`, `target_image`) is a retrieval set too: its pool is the distinct target
 images (by content), and each query's answer is its own target.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-import numpy as np
-
-from magiclens_core.embedder import Embedder
-from magiclens_core.images.sources import load_image_source, read_source
+from magiclens_core.images.identity import content_id
+from magiclens_core.images.sources import image_bytes_or_path
 
 QUERIES_FILE = "queries.parquet"
 POOL_FILE = "pool.parquet"
-DEFAULT_KS = (1, 5, 10)
 
 
 @dataclass
@@ -71,9 +67,10 @@ class RetrievalSet:
         return directory
 
 
-def _content_id(value: bytes | str) -> str:
-    data = read_source(value)
-    return hashlib.sha256(data if isinstance(data, bytes) else Path(data).read_bytes()).hexdigest()[:16]
+def _image_id(value: bytes | str) -> str:
+    """The content id of an image cell (bytes, a path or a URI)."""
+    data = image_bytes_or_path(value)
+    return content_id(data if isinstance(data, bytes) else Path(data).read_bytes())
 
 
 def from_triplets(query_images: Sequence, instructions: Sequence[str], target_images: Sequence) -> RetrievalSet:
@@ -82,7 +79,7 @@ def from_triplets(query_images: Sequence, instructions: Sequence[str], target_im
     pool_images: list = []
     answers = []
     for image in target_images:
-        key = _content_id(image)
+        key = _image_id(image)
         if key not in pool_index:
             pool_index[key] = len(pool_images)
             pool_images.append(image)
@@ -109,32 +106,3 @@ def read_retrieval_set(path: str | PathLike) -> RetrievalSet:
         raise FileNotFoundError(f"validation set not found: {path}")
     table = pq.read_table(path, columns=["query_image", "instruction", "target_image"]).to_pydict()
     return from_triplets(table["query_image"], table["instruction"], table["target_image"])
-
-
-def recall_at_k(queries: np.ndarray, pool: np.ndarray, answers: Sequence[int],
-                ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Recall@k of dot-product ranking; a pool item scoring equal to the answer counts as ranked above it."""
-    scores = queries @ pool.T
-    answers = np.asarray(answers)
-    right = scores[np.arange(len(answers)), answers][:, None]
-    rank = (scores >= right).sum(axis=1) - 1  # others at least as close as the right answer
-    return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
-
-
-def _decode(images: Sequence) -> list:
-    return [load_image_source(value) for value in images]
-
-
-def evaluate_retrieval(embedder: Embedder, retrieval_set: RetrievalSet,
-                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Recall@k of `retrieval_set` through the `Embedder` (images decoded a batch at a time)."""
-    if not len(retrieval_set):
-        raise ValueError("the retrieval set has no queries")
-    size = embedder.batch_size
-    pool = np.concatenate([embedder.embed_targets(_decode(retrieval_set.pool_images[start:start + size]))
-                           for start in range(0, len(retrieval_set.pool_images), size)])
-    queries = np.concatenate([
-        embedder.embed_queries(_decode(retrieval_set.query_images[start:start + size]),
-                               retrieval_set.instructions[start:start + size], truncate=True)
-        for start in range(0, len(retrieval_set), size)])
-    return recall_at_k(queries, pool, retrieval_set.answers, ks)

@@ -8,7 +8,6 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # larger images are rejected before decoding (decompression bombs)
@@ -37,7 +36,7 @@ def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
         raise ImageDecodeError("unreadable", err.strerror or str(err), str(path)) from err
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → 8-bit RGB; transparency composited on white, 16/32-bit scaled down."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
@@ -80,7 +79,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return to_rgb(image)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as err:
@@ -89,28 +88,6 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError("too_many_pixels", str(err), name) from err
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
         raise ImageDecodeError("corrupt", str(err) or type(err).__name__, name) from err
-
-
-def to_pixels(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """An RGB image as a float32 tensor [3,H,W] in [0,1].
-
-    Accepts a PIL image, a uint8 HWC array, or a float CHW tensor already in [0,1].
-    """
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a [3,H,W] tensor, got shape {tuple(image.shape)}")
-        if not image.is_floating_point():
-            raise ValueError(f"expected a float tensor in [0,1], got {image.dtype}")
-        return image.float()
-    if isinstance(image, Image.Image):
-        image = np.asarray(_to_rgb(image) if image.mode != "RGB" else image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 array, got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
-    # np.asarray(PIL image) is read-only; torch.from_numpy warns on those, so copy when needed
-    pixels = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
 
 
 def crop_instance(image: Image.Image, box: tuple[float, float, float, float], dilate: float = 0.7) -> Image.Image:

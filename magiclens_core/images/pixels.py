@@ -1,4 +1,5 @@
-"""Image bytes → fixed-size model pixels, for pipelines that decode apart from where they embed.
+"""Decoded images → model pixels (torch): `to_pixels` for one image, and fixed-size pixel batches for
+pipelines that decode apart from where they embed.
 
 `model_pixels` decodes one image on the CPU (through `load_image`) and returns it already cropped and
 resized to the model's input size as compact uint8, so decode workers ship 150 KB per image instead of
@@ -17,10 +18,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magiclens_core.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, crop_instance, load_image, to_pixels
+from magiclens_core.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, crop_instance, load_image, to_rgb
 from magiclens_core.images.preprocess import PreprocessMode, prepare_pixels
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def to_pixels(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An RGB image as a float32 tensor [3,H,W] in [0,1].
+
+    Accepts a PIL image, a uint8 HWC array, or a float CHW tensor already in [0,1].
+    """
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a [3,H,W] tensor, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"expected a float tensor in [0,1], got {image.dtype}")
+        return image.float()
+    if isinstance(image, Image.Image):
+        image = np.asarray(to_rgb(image) if image.mode != "RGB" else image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 array, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    # np.asarray(PIL image) is read-only; torch.from_numpy warns on those, so copy when needed
+    pixels = np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

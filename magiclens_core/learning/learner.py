@@ -1,18 +1,17 @@
-"""Ray-free training pieces: the initial model, which parameters train, the contrastive forward and one
-optimiser step (autocast, gradient accumulation, clipping, warm-up + cosine schedule).
+"""Ray-free training pieces: which parameters train, the contrastive forward and one optimiser step
+(autocast, gradient accumulation, clipping, warm-up + cosine schedule). The initial model comes from
+`magiclens_core.factory.initial_model`.
 
 `Learner.train_step` is the one training step: the Ray Train loop and plain-PyTorch benchmarks call it.
-A batch is a dict of `query_pixels` and `target_pixels` (uint8 [B,S,S,3] as `pixel_batches.model_pixels`
+A batch is a dict of `query_pixels` and `target_pixels` (uint8 [B,S,S,3] as `images.pixels.model_pixels`
 makes them, or float [B,3,H,W] in [0,1]) and `query_ids` ([B,L] token ids of the instructions).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,48 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from magiclens_core.images.pixels import as_float_batch
 from magiclens_core.learning.loss import ContrastiveLoss
-from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
 from magiclens_core.model.magiclens import MagicLens
-from magiclens_core.weights.backbone import create_model
-from magiclens_core.weights.folder import load_model
+from magiclens_core.model.precision import Precision, autocast, resolve_precision
 
 TrainParts = Literal["all", "head", "last_blocks"]
-Precision = Literal["auto", "fp32", "bf16"]
 Batch = Mapping[str, torch.Tensor]
-
-# Small random models for tests, demos and learning checks (64-pixel images, 16-pixel patches).
-SMALL_CONFIGS: dict[str, MagicLensConfig] = {
-    "tiny": MagicLensConfig(
-        clip=ClipConfig(embed_dim=64, image_size=64, vision_width=64, vision_layers=2, vision_heads=4,
-                        vision_patch_size=16, text_width=64, text_layers=2, text_heads=4),
-        head=HeadConfig(embed_dim=64, num_layers=2, num_heads=4, ff_dim=256, pooler_width=256),
-        name="tiny",
-    ),
-}
-
-
-def initial_model(init: str, backbone: str | None = None, seed: int = 0) -> MagicLens:
-    """The model training starts from.
-
-    `init` is `base`/`large` (towers random, or from `backbone`: an open_clip tag or a local file),
-    a small named config (`tiny`), a JSON file of a `MagicLensConfig` (random weights), an official
-    `.pkl`, or a model folder of this project (to fine-tune).
-    """
-    torch.manual_seed(seed)
-    if init in NAMED_CONFIGS:
-        return create_model(init, backbone)
-    if backbone is not None:
-        raise ValueError(f"a backbone only applies to base or large, not to {init!r}")
-    if init in SMALL_CONFIGS:
-        return MagicLens(SMALL_CONFIGS[init])
-    path = Path(init)
-    if path.suffix == ".json" and path.is_file():
-        document = json.loads(path.read_text())
-        return MagicLens(MagicLensConfig.from_dict(document.get("config", document)))
-    if not path.exists():
-        raise ValueError(f"--init {init!r} is neither {sorted(NAMED_CONFIGS) + sorted(SMALL_CONFIGS)}, "
-                         "a config .json, an official .pkl nor a model folder")
-    return load_model(path)
 
 
 def set_trainable(model: MagicLens, parts: TrainParts = "all", last_blocks: int = 0) -> int:
@@ -109,11 +71,6 @@ class ContrastiveModel(nn.Module):
     def _empty_text(self, rows: int) -> torch.Tensor:
         return self.model.encode_text(self.empty_ids).expand(rows, -1)
 
-    def embed_targets(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Target embeddings (image + `""`), the same function as `Embedder.embed_targets`."""
-        image = self.model.encode_image(pixels)
-        return self.model.fuse(image, self._empty_text(image.shape[0]))
-
     def forward(self, query_pixels: torch.Tensor, query_ids: torch.Tensor, target_pixels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(queries, targets, query negatives or None, scale); both image sets go through one tower call."""
@@ -145,13 +102,12 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: `auto` is bf16 on CUDA and float32 (no autocast) elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; expected auto, fp32 or bf16")
-    return torch.bfloat16 if precision == "bf16" else None
+def check_training_precision(precision: Precision) -> Precision:
+    """`precision` if a training step can run in it; fp16 is refused (its gradients underflow without loss
+    scaling; bf16 needs none)."""
+    if precision == "fp16":
+        raise ValueError("training runs in fp32 or bf16 (auto picks one), not fp16: its gradients need loss scaling")
+    return precision
 
 
 def to_unit_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -176,7 +132,7 @@ class Learner:
         self.core.train()
         self.net: nn.Module = self.core
         self.loss = ContrastiveLoss(gather_with_grad)
-        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(check_training_precision(precision), self.device)
         self.grad_clip = grad_clip
         self.optimizer = build_optimizer(self.core, lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -191,11 +147,6 @@ class Learner:
         """Wrap the module the forward runs through (e.g. in DDP); parameters stay the core's."""
         self.net = wrapper(self.core)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         if not last and isinstance(self.net, DistributedDataParallel):
             return self.net.no_sync()
@@ -206,7 +157,7 @@ class Learner:
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             with self._no_sync(index == len(micro_batches) - 1):
-                with self._autocast():
+                with autocast(self.precision, self.device):
                     queries, targets, negatives, scale = self.net(
                         to_unit_pixels(batch["query_pixels"], self.device),
                         batch["query_ids"].to(self.device, non_blocking=True),

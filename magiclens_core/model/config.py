@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+
+def _check_sizes(config: ClipConfig | HeadConfig) -> None:
+    """Every size of a tower or head config is a positive integer (a positive number for ratios)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        number = (int, float) if item.type == "float" else int
+        if isinstance(value, bool) or not isinstance(value, number) or value <= 0:
+            kind = "a positive number" if item.type == "float" else "a positive integer"
+            raise ValueError(f"{type(config).__name__}.{item.name} must be {kind}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,9 @@ class ClipConfig:
     text_mlp_ratio: float = 4.0
     context_length: int = 77
     vocab_size: int = 49408
+
+    def __post_init__(self) -> None:
+        _check_sizes(self)
 
     @property
     def open_clip_name(self) -> str | None:
@@ -44,10 +57,13 @@ class HeadConfig:
     num_query_tokens: int = 1
     pooler_width: int = 2048  # the pooler's attention width (4·D in the released models)
 
+    def __post_init__(self) -> None:
+        _check_sizes(self)
+
 
 @dataclass(frozen=True)
 class MagicLensConfig:
-    """A whole MagicLens model; `name` is informative (`base`, `large`, or a custom label)."""
+    """A whole MagicLens model; `name` is informative (`base`, `large`, `tiny`, or a custom label)."""
 
     clip: ClipConfig = field(default_factory=ClipConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -105,6 +121,13 @@ NAMED_CONFIGS: dict[str, MagicLensConfig] = {
         head=HeadConfig(embed_dim=768, num_heads=16, ff_dim=3072, pooler_width=3072),
         name="large",
     ),
+    # a small random model for tests, demos and learning checks: 64-pixel images, 16-pixel patches
+    "tiny": MagicLensConfig(
+        clip=ClipConfig(embed_dim=64, image_size=64, vision_width=64, vision_layers=2, vision_heads=4,
+                        vision_patch_size=16, text_width=64, text_layers=2, text_heads=4),
+        head=HeadConfig(embed_dim=64, num_layers=2, num_heads=4, ff_dim=256, pooler_width=256),
+        name="tiny",
+    ),
 }
 
 # open_clip model names of the released backbones (QuickGELU variants, as in the official code).
@@ -112,7 +135,7 @@ OPEN_CLIP_NAMES: dict[str, str] = {"ViT-B-16-quickgelu": "base", "ViT-L-14-quick
 
 
 def resolve_config(spec: str | dict[str, Any] | MagicLensConfig) -> MagicLensConfig:
-    """A config from a size name (`base`/`large`), a dict, or a config."""
+    """A config from a size name (`base`/`large`/`tiny`), a dict, or a config."""
     if isinstance(spec, MagicLensConfig):
         return spec
     if isinstance(spec, dict):

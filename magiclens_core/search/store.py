@@ -1,27 +1,38 @@
-"""The LanceDB image table: schema, open/create, batched appends, exact and ANN search, tuned index parameters.
+"""The LanceDB image table: schema, open/create, appends, exact and ANN search, vector indexes, stored search
+parameters.
 
-This is the only module that knows LanceDB's API. A table holds one row per image (`id`, `uri`, `width`,
-`height`, `vector`, `model_id`, optional `clip_vector`, any carried metadata columns); its rejects live in
-a sibling table `NAME_rejects` (`id`, `uri`, `reason`, `detail`). The tuned search parameters of each
-vector column are stored in that column's field metadata (key `magiclens:search`, JSON), so every reader
-of the table (the server, batch retrieval, plain `lancedb`) finds them without flags.
+This is the only module that knows LanceDB's API (when and how a table is indexed and tuned is
+`magiclens_core.search.index_policy`). A table holds one row per image (`id`, `uri`, `width`, `height`,
+`vector`, `model_id`, optional `clip_vector`, any carried metadata columns); its rejects live in a sibling
+table `NAME_rejects` (`id`, `uri`, `reason`, `detail`, and `key`: the uri, or `id:ID` for an image given as
+bytes without one). The tuned search parameters of each vector column are stored in that column's field
+metadata (key `magiclens:search`, JSON), so every reader of the table (the server, batch retrieval, plain
+`lancedb`) finds them without flags.
+
+Any number of writers may work on one table at once. Rows go in by a merge on `id`, which the schema
+declares the table's primary key, so Lance's commit detects two writers inserting the same id and redoes
+the later merge against the newer version: one row per id under any interleaving (the rejects table
+likewise, on (`reason`, `key`)). Every other commit that meets a concurrent one is retried against the
+latest version, and of two writers creating one table, one creates it and the other opens it.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from enum import Enum
+from typing import Any, Literal, TypeVar
 
+import lance
 import lancedb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from lancedb.index import HnswSq, IvfPq
 
-from magiclens_core.search.filters import And, Comparison, Filter, InList, IsNull, Not, Or
+from magiclens_core.search.filters import And, Comparison, Filter, InList, IsNull, Or, integer_ranges, normalise
 
 VECTOR = "vector"
 CLIP_VECTOR = "clip_vector"
@@ -29,17 +40,39 @@ SEARCH_KEY = "magiclens:search"
 DISTANCE = "cosine"
 REJECTS_SUFFIX = "_rejects"
 
+PRIMARY_KEY = "lance-schema:unenforced-primary-key"  # Lance's field metadata for the columns of the key
+COMMIT_ATTEMPTS = 8  # tries of one write whose commit meets concurrent writers' commits
+
 VectorDType = Literal["float32", "float16"]
-IndexKind = Literal["auto", "none", "ivf_pq", "ivf_hnsw_sq"]
+T = TypeVar("T")
 
 _VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+_KEY = {PRIMARY_KEY: "true"}
+_CONFLICTS = ("commit conflict", "incompatible transaction", "concurrent writers")  # in LanceDB's errors
 
 REJECTS_SCHEMA = pa.schema([
     pa.field("id", pa.string()),       # content hash when the bytes could be read, else null
     pa.field("uri", pa.string()),
-    pa.field("reason", pa.string()),   # empty, not_an_image, corrupt, too_many_pixels, too_small, unreadable
+    pa.field("reason", pa.string(), nullable=False, metadata=_KEY),  # empty, not_an_image, corrupt, ...
     pa.field("detail", pa.string()),
+    pa.field("key", pa.string(), nullable=False, metadata=_KEY),     # the uri, else `id:ID`
 ])
+
+
+class IndexKind(str, Enum):
+    """A vector index kind. `ImageTable.create_index` builds `IVF_HNSW_SQ` and `IVF_PQ`; `AUTO` (by table
+    size) and `NONE` (exact search) are choices for `magiclens_core.search.index_policy.index_table`."""
+
+    AUTO = "auto"
+    IVF_HNSW_SQ = "ivf_hnsw_sq"
+    IVF_PQ = "ivf_pq"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_LISTED_KINDS = {"IvfHnswSq": IndexKind.IVF_HNSW_SQ, "IvfPq": IndexKind.IVF_PQ}  # LanceDB's index type names
 
 
 def image_schema(dim: int, vector_dtype: VectorDType = "float32", clip_dim: int | None = None,
@@ -47,7 +80,7 @@ def image_schema(dim: int, vector_dtype: VectorDType = "float32", clip_dim: int 
     """The image table's schema: fixed columns, the vector column(s), then carried metadata columns."""
     value = _VALUE_TYPES[vector_dtype]
     fields = [
-        pa.field("id", pa.string(), nullable=False),
+        pa.field("id", pa.string(), nullable=False, metadata=_KEY),
         pa.field("uri", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
@@ -118,6 +151,43 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
+def _is_commit_conflict(error: Exception) -> bool:
+    return any(marker in str(error).lower() for marker in _CONFLICTS)
+
+
+def _committed(table: Any, write: Callable[[], T]) -> T:
+    """`write()`, run again on the table's latest version (after a short random wait) when its commit meets a
+    concurrent writer's commit; every write given here is one that may be redone."""
+    for attempt in range(COMMIT_ATTEMPTS - 1):
+        try:
+            return write()
+        except (RuntimeError, OSError) as error:
+            if not _is_commit_conflict(error):
+                raise
+        time.sleep(random.uniform(0.0, 0.05 * 2**attempt))
+        table.checkout_latest()
+    return write()
+
+
+def _open_or_create(db: lancedb.DBConnection, uri: str, name: str, schema: pa.Schema) -> Any:
+    """Table `name`, created empty with `schema` when there is none. The creation commits the dataset's first
+    version or fails (LanceDB's `create_table` may instead overwrite a table created a moment before), so a
+    writer that loses a race to create it opens the winner's table."""
+    try:
+        return db.open_table(name)
+    except (ValueError, FileNotFoundError):
+        pass
+    try:
+        lance.LanceDataset.commit(f"{uri.rstrip('/')}/{name}.lance", lance.LanceOperation.Overwrite(schema, []),
+                                  max_retries=0)
+    except OSError as error:  # created by another writer meanwhile, or the location is unusable
+        try:
+            return db.open_table(name)
+        except (ValueError, FileNotFoundError):
+            raise error from None
+    return db.open_table(name)
+
+
 class ImageTable:
     """One LanceDB table of image embeddings (and its rejects table)."""
 
@@ -125,6 +195,7 @@ class ImageTable:
         self._db = db
         self._table = table
         self.name = name
+        self._keyed = False
 
     # ------------------------------------------------------------------ open / create
 
@@ -140,18 +211,17 @@ class ImageTable:
 
     @classmethod
     def create(cls, uri: str, name: str, schema: pa.Schema) -> ImageTable:
-        """Open `name` if it exists (its vector columns must match `schema`), else create it empty."""
+        """Open `name` if it exists (its vector columns must match `schema`), else create it empty; of writers
+        creating it at once, one creates it and the others open it."""
         db = _connect(uri)
-        if name in db.list_tables().tables:
-            table = cls(db, db.open_table(name), name)
-            for column in (VECTOR, CLIP_VECTOR):
-                wanted = schema.field(column).type if column in schema.names else None
-                have = table.schema.field(column).type if column in table.schema.names else None
-                if wanted is not None and wanted != have:
-                    raise ValueError(f"table {name!r} has {column} of type {have}, this run writes {wanted}; "
-                                     "use another table or the same model and vector options")
-            return table
-        return cls(db, db.create_table(name, schema=schema), name)
+        table = cls(db, _open_or_create(db, uri, name, schema), name)
+        for column in (VECTOR, CLIP_VECTOR):
+            wanted = schema.field(column).type if column in schema.names else None
+            have = table.schema.field(column).type if column in table.schema.names else None
+            if wanted is not None and wanted != have:
+                raise ValueError(f"table {name!r} has {column} of type {have}, this run writes {wanted}; "
+                                 "use another table or the same model and vector options")
+        return table
 
     @property
     def schema(self) -> pa.Schema:
@@ -188,10 +258,12 @@ class ImageTable:
         return np.sort(np.concatenate(parts))
 
     def add(self, rows: pa.Table | dict[str, Any]) -> int:
-        """Append rows in one commit (one table version); returns how many.
+        """Insert the rows whose id the table does not hold yet, in one commit (one table version); returns
+        how many went in.
 
         `rows` is an Arrow table or a dict of columns (vectors as [N, D] numpy matrices). Columns are cast
         to the table's schema (float32 vectors land in a float16 table as float16); missing ones are null.
+        An id repeated in `rows`, or committed meanwhile by another writer, goes in once.
         """
         if isinstance(rows, dict):
             rows = pa.table({name: _vectors_to_arrow(value, pa.float32()) if isinstance(value, np.ndarray)
@@ -201,8 +273,14 @@ class ImageTable:
         schema = self.schema
         columns = [rows.column(target.name).cast(target.type) if target.name in rows.column_names
                    else pa.nulls(rows.num_rows, target.type) for target in schema]
-        self._table.add(pa.Table.from_arrays(columns, schema=schema))
-        return rows.num_rows
+        self._declare_key()
+        return _insert_new(self._table, pa.Table.from_arrays(columns, schema=schema), ["id"])
+
+    def _declare_key(self) -> None:
+        """Declare `id` the primary key of a table made before it was (what makes concurrent merges safe)."""
+        if not self._keyed and PRIMARY_KEY.encode() not in (self.schema.field("id").metadata or {}):
+            _committed(self._table, lambda: self._table.update_field_metadata({"path": "id", "metadata": _KEY}))
+        self._keyed = True
 
     def scan(self, columns: list[str], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Stream the table's rows (chosen columns) in record batches."""
@@ -240,7 +318,8 @@ class ImageTable:
         query = self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
         query = query.distance_type(DISTANCE).limit(k)
         if filter:
-            query = query.where(filter if isinstance(filter, str) else filter_sql(filter), prefilter=True)
+            query = query.where(filter if isinstance(filter, str) else filter_sql(filter, self.schema),
+                                prefilter=True)
         params = params or self.search_params(column)
         if exact or params.index_type is None:
             return query.bypass_vector_index()
@@ -285,84 +364,29 @@ class ImageTable:
 
     # ------------------------------------------------------------------ index
 
-    def index_type(self, column: str = VECTOR) -> str | None:
+    def index_kind(self, column: str = VECTOR) -> IndexKind | None:
+        """The kind of the column's vector index (None when it has none, or one of a kind not built here)."""
         for index in self._table.list_indices():
             if column in index.columns:
-                return index.index_type
+                return _LISTED_KINDS.get(index.index_type)
         return None
 
-    def _store_search_params(self, column: str, params: SearchParams) -> None:
-        self._table.update_field_metadata({"path": column, "metadata": {SEARCH_KEY: params.to_json()}})
+    def create_index(self, kind: IndexKind, column: str = VECTOR, **build: int) -> None:
+        """Train a vector index of `kind` on the column with these build parameters, replacing any."""
+        configs = {IndexKind.IVF_PQ: IvfPq, IndexKind.IVF_HNSW_SQ: HnswSq}
+        if kind not in configs:
+            raise ValueError(f"no index of kind {kind!r} to build; expected ivf_pq or ivf_hnsw_sq")
+        config = configs[kind](distance_type=DISTANCE, **build)
+        _committed(self._table, lambda: self._table.create_index(column, config=config, replace=True))
 
-    def build_index(self, kind: Literal["ivf_pq", "ivf_hnsw_sq"], column: str = VECTOR,
-                    **build: int) -> dict[str, Any]:
-        """Train a vector index on the column (replacing any); returns the build parameters used."""
-        rows = self.count()
-        dim = self.schema.field(column).type.list_size
-        if kind == "ivf_pq":
-            build = {"num_partitions": max(1, int(np.sqrt(rows))), "num_sub_vectors": _pq_sub_vectors(dim),
-                     **build}
-            config = IvfPq(distance_type=DISTANCE, **build)
-        elif kind == "ivf_hnsw_sq":
-            build = {"num_partitions": max(1, rows // 250_000), "m": 20, "ef_construction": 150, **build}
-            config = HnswSq(distance_type=DISTANCE, **build)
-        else:
-            raise ValueError(f"unknown index kind {kind!r}; expected ivf_pq or ivf_hnsw_sq")
-        self._table.create_index(column, config=config, replace=True)
-        return {"kind": kind, "rows": rows, **build}
-
-    def use_exact_search(self, column: str = VECTOR) -> SearchParams:
-        """Store exact (flat) search as the column's search parameters, even when it has an index."""
-        params = SearchParams(indexed_rows=self.count(), recall_at_10=1.0)
-        self._store_search_params(column, params)
-        return params
+    def store_search_params(self, column: str, params: SearchParams) -> None:
+        """Store how to search the column in its field metadata, where every reader finds it."""
+        update = {"path": column, "metadata": {SEARCH_KEY: params.to_json()}}
+        _committed(self._table, lambda: self._table.update_field_metadata(update))
 
     def update_index(self) -> None:
-        """Fold rows appended since the index was built into it, and compact small appends."""
-        self._table.optimize()
-
-    def tune(self, target_recall: float = 0.95, column: str = VECTOR, queries: int = 100,
-             k: int = 10, build: dict[str, Any] | None = None, seed: int = 0) -> SearchParams:
-        """Measure recall@k of the column's index against exact search, with sample rows as queries (each row
-        itself left out), and store
-        the cheapest search parameters that reach `target_recall` (the best found when none does)."""
-        kind = self.index_type(column)
-        if kind is None:
-            raise ValueError(f"column {column!r} has no vector index to tune")
-        rows = self.count()
-        sample_ids, sample = self.sample(queries, column, seed)
-        truth = [_without(row, own, k) for row, own in
-                 zip(self.exact_neighbors(sample, k + 1, column), sample_ids, strict=True)]
-        chosen: SearchParams | None = None
-        best: SearchParams | None = None
-        for group in _candidates(kind, (build or {}).get("num_partitions", 1)):
-            for candidate in group:  # increasing cost: stop at the first that reaches the target
-                measured = self._measure(SearchParams(
-                    index_type=kind, target_recall=target_recall, queries=len(sample), indexed_rows=rows,
-                    build=build or {}, **candidate), sample_ids, sample, truth, k, column)
-                if best is None or (measured.recall_at_10 or 0) > (best.recall_at_10 or 0):
-                    best = measured
-                if (measured.recall_at_10 or 0) >= target_recall:
-                    if chosen is None or (measured.p50_ms or 0) < (chosen.p50_ms or 0):
-                        chosen = measured
-                    break
-        params = chosen or best
-        assert params is not None
-        self._store_search_params(column, params)
-        return params
-
-    def _measure(self, params: SearchParams, sample_ids: list[str], sample: np.ndarray, truth: list[list[str]],
-                 k: int, column: str) -> SearchParams:
-        """Recall@k (the query row itself left out of both lists) and median latency of `params`."""
-        latencies, hits = [], 0
-        for own, vector, expected in zip(sample_ids, sample, truth, strict=True):
-            start = time.perf_counter()
-            found = self.search(vector, k + 1, column=column, select=["id"], params=params).column("id")
-            latencies.append(time.perf_counter() - start)
-            hits += len(set(_without(found.to_pylist(), own, k)) & set(expected))
-        params.recall_at_10 = round(hits / (k * len(sample)), 4)
-        params.p50_ms = round(1000 * float(np.median(latencies)), 3)
-        return params
+        """Fold rows appended since the indexes were built into them, and compact small appends."""
+        _committed(self._table, self._table.optimize)
 
     # ------------------------------------------------------------------ model and rejects
 
@@ -378,7 +402,7 @@ class ImageTable:
     @staticmethod
     def rejects_of(uri: str, name: str) -> RejectsTable:
         """The `NAME_rejects` table beside table `name` (created when missing)."""
-        return RejectsTable.create(_connect(uri), name + REJECTS_SUFFIX)
+        return RejectsTable(_open_or_create(_connect(uri), uri, name + REJECTS_SUFFIX, REJECTS_SCHEMA))
 
 
 def _sql_string(value: str) -> str:
@@ -390,124 +414,83 @@ def _sql_value(value: str | int | float | bool) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, str):
         return _sql_string(value)
+    if value == -(2**63):  # written out, it is read as minus a literal that overflows int64
+        return f"({value + 1} - 1)"
     return repr(value)
 
 
-def filter_sql(tree: Filter) -> str:
-    """A parsed filter as a LanceDB SQL predicate: every column name and value quoted by this function."""
+def filter_sql(tree: Filter, schema: pa.Schema) -> str:
+    """A parsed filter over a table of `schema` as a LanceDB SQL predicate, normalised first (no `NOT` above a
+    condition, integer columns compared with integers they can hold); every column name and value is quoted by
+    this function."""
+    return _predicate_sql(normalise(tree, integer_ranges(schema)))
+
+
+def _predicate_sql(tree: Filter) -> str:
     if isinstance(tree, Comparison):
         return f"`{tree.column}` {tree.op} {_sql_value(tree.value)}"
+    if isinstance(tree, InList) and tree.negated:  # LanceDB takes `c NOT IN (a) OR c NOT IN (b)` for TRUE, NULLs too
+        return " AND ".join(f"`{tree.column}` != {_sql_value(value)}" for value in tree.values)
     if isinstance(tree, InList):
         return f"`{tree.column}` IN ({', '.join(_sql_value(value) for value in tree.values)})"
     if isinstance(tree, IsNull):
         return f"`{tree.column}` IS {'NOT ' if tree.negated else ''}NULL"
-    if isinstance(tree, Not):
-        return f"NOT ({filter_sql(tree.item)})"
+    assert isinstance(tree, (And, Or)), "normalise leaves no NOT above a condition"
+    if not tree.items:
+        return "TRUE" if isinstance(tree, And) else "FALSE"
     joiner = " AND " if isinstance(tree, And) else " OR "
-    assert isinstance(tree, (And, Or))
-    return "(" + joiner.join(f"({filter_sql(item)})" for item in tree.items) + ")"
+    return joiner.join(f"({_predicate_sql(item)})" if isinstance(item, (And, Or)) or (
+        isinstance(item, InList) and item.negated and len(item.values) > 1) else _predicate_sql(item)
+        for item in tree.items)
 
 
-def _without(ids: Any, own: str, k: int) -> list[str]:
-    """The first k ids other than `own` (a query row's neighbours, itself excluded)."""
-    return [i for i in list(ids) if i != own][:k]
+def _primary_key(schema: pa.Schema) -> list[str]:
+    """The columns of the table's primary key, in schema order (a merge on them in another order is not
+    checked against concurrent merges)."""
+    return [field.name for field in schema if PRIMARY_KEY.encode() in (field.metadata or {})]
 
 
-def _pq_sub_vectors(dim: int) -> int:
-    """Sub-vectors of 4 dimensions (the finest PQ that keeps SIMD-friendly codes), at most `dim`."""
-    for dims_per_code in (4, 2, 1):
-        if dim % dims_per_code == 0:
-            return dim // dims_per_code
-    return dim
+def _insert_new(table: Any, rows: pa.Table, key: list[str]) -> int:
+    """Insert in one commit the rows whose `key` the table does not hold (the first of rows sharing one);
+    returns how many went in. Lance's own merge (several times faster than LanceDB's wrapper of it on
+    tables of a million rows) joins them to the table's keys."""
+    rows = _first_of_each(rows, key)
+
+    def merge() -> int:
+        return table.to_lance().merge_insert(key).when_not_matched_insert_all().execute(rows)["num_inserted_rows"]
+
+    inserted = _committed(table, merge)
+    table.checkout_latest()
+    return inserted
 
 
-def _candidates(kind: str, partitions: int) -> list[list[dict[str, int | None]]]:
-    """Search parameters to try: groups along which the cost (and recall) grows. HNSW over scalar-quantised
-    vectors can top out under the target recall whatever `ef`; re-ranking the candidates on the full vectors
-    (`refine_factor`) lifts that ceiling, so those groups come last."""
-    if kind.replace("_", "").upper().startswith("IVFHNSW"):
-        probes = sorted({p for p in (1, 2, 4, partitions) if p <= partitions})
-        return [[{"nprobes": nprobes, "ef": ef, "refine_factor": refine} for ef in (16, 32, 64, 128, 256, 512)]
-                for refine in (None, 2, 5) for nprobes in probes]
-    probes = [p for p in (5, 10, 20, 40, 80, 160, 320) if p < partitions] + [partitions]
-    return [[{"nprobes": nprobes, "refine_factor": refine} for nprobes in probes] for refine in (1, 2, 5, 10)]
+def _first_of_each(rows: pa.Table, key: list[str]) -> pa.Table:
+    """The rows whose `key` columns' values come first in `rows` (a merge inserts every unmatched row)."""
+    seen: set[tuple] = set()
+    keep = []
+    for position, value in enumerate(zip(*(rows.column(name).to_pylist() for name in key), strict=True)):
+        if value not in seen:
+            seen.add(value)
+            keep.append(position)
+    return rows if len(keep) == rows.num_rows else rows.take(keep)
 
 
 class RejectsTable:
-    """The `NAME_rejects` table: one row per distinct (uri, reason), so reruns add nothing twice."""
+    """The `NAME_rejects` table: one row per (uri, reason), per (id, reason) for an image given as bytes
+    without a uri, however many runs record them, one after another or at once."""
 
     def __init__(self, table: Any) -> None:
         self._table = table
 
-    @classmethod
-    def create(cls, db: lancedb.DBConnection, name: str) -> RejectsTable:
-        if name in db.list_tables().tables:
-            return cls(db.open_table(name))
-        return cls(db.create_table(name, schema=REJECTS_SCHEMA))
-
     def add_new(self, rows: pa.Table) -> int:
-        """Append the rows whose (uri, reason) is not recorded yet; returns how many were added."""
+        """Record the rows (`uri`, `reason`, `id`, `detail`) not recorded yet; returns how many were added."""
         if rows.num_rows == 0:
             return 0
-        rows = pa.table({name: rows.column(name).cast(pa.string()) if name in rows.column_names
-                         else pa.nulls(rows.num_rows, pa.string()) for name in REJECTS_SCHEMA.names})
-        keys = pc.binary_join_element_wise(rows["uri"].fill_null(""), rows["reason"], "\x00")
-        _, first = np.unique(keys.to_numpy(zero_copy_only=False), return_index=True)
-        rows = rows.take(np.sort(first))
-        uris = [uri for uri in rows["uri"].to_pylist() if uri is not None]
-        if uris:
-            quoted = ", ".join(_sql_string(uri) for uri in uris)
-            present = self._table.to_lance().to_table(columns=["uri", "reason"], filter=f"uri IN ({quoted})")
-            seen = set(zip(present["uri"].to_pylist(), present["reason"].to_pylist(), strict=True))
-            keep = [(uri, reason) not in seen
-                    for uri, reason in zip(rows["uri"].to_pylist(), rows["reason"].to_pylist(), strict=True)]
-            rows = rows.filter(pa.array(keep))
-        if rows.num_rows:
-            self._table.add(rows)
-        return rows.num_rows
-
-
-AUTO_INDEX = "ivf_hnsw_sq"
-
-
-def _same_kind(listed: str | None, kind: str) -> bool:
-    return listed is not None and listed.replace("_", "").lower() == kind.replace("_", "").lower()
-
-
-def index_table(table: ImageTable, kind: IndexKind = "auto", added: int = 0, min_rows: int = 20_000,
-                target_recall: float = 0.95, queries: int = 100, partitions: int | None = None,
-                sub_vectors: int | None = None, clip_vector: bool = False) -> dict[str, Any]:
-    """Bring the table's search up to date after `added` new rows and return its search parameters.
-
-    `none` searches exactly; `auto` keeps exact search below `min_rows`, then builds `AUTO_INDEX` (an
-    existing index of another kind is kept). An index is (re)built when there is none of the wanted kind or
-    the table has doubled since it was trained, else new rows are folded into it; search parameters are
-    re-tuned whenever the rows changed, and stored with the table.
-    """
-    if added:
-        table.update_index()
-    rows = table.count()
-    overrides = {name: value for name, value in
-                 (("num_partitions", partitions), ("num_sub_vectors", sub_vectors)) if value}
-    summary: dict[str, Any] = {}
-    for column in (VECTOR, CLIP_VECTOR) if clip_vector else (VECTOR,):
-        params = table.search_params(column)
-        current = table.index_type(column)
-        wanted: str | None = kind
-        if kind == "none" or (kind == "auto" and current is None and rows < min_rows):
-            wanted = None
-        elif kind == "auto":
-            wanted = AUTO_INDEX if current is None else current
-        if wanted is None:
-            if params.index_type is not None or params.indexed_rows != rows:
-                params = table.use_exact_search(column)
-        elif not _same_kind(current, wanted) or rows >= 2 * params.build.get("rows", rows):
-            build = {k: v for k, v in overrides.items() if wanted == "ivf_pq" or k == "num_partitions"}
-            params = table.tune(target_recall, column, queries, build=table.build_index(wanted, column, **build))
-        elif params.indexed_rows != rows:
-            params = table.tune(target_recall, column, queries, build=params.build)
-        summary[column] = {"type": params.index_type, "nprobes": params.nprobes,
-                           "refine_factor": params.refine_factor, "ef": params.ef,
-                           "recall_at_10": params.recall_at_10, "p50_ms": params.p50_ms,
-                           "indexed_rows": params.indexed_rows, "build": params.build}
-    return summary[VECTOR] if not clip_vector else {**summary[VECTOR], "clip_vector": summary[CLIP_VECTOR]}
+        columns = {name: rows.column(name).cast(pa.string()) if name in rows.column_names
+                   else pa.nulls(rows.num_rows, pa.string()) for name in ("id", "uri", "reason", "detail")}
+        columns["key"] = pa.array([uri if uri is not None else f"id:{image_id}" if image_id is not None else ""
+                                   for uri, image_id in zip(columns["uri"].to_pylist(), columns["id"].to_pylist(),
+                                                            strict=True)], pa.string())
+        schema = self._table.schema
+        key = _primary_key(schema) or ["uri", "reason"]  # a table made before it had a key: (uri, reason)
+        return _insert_new(self._table, pa.table([columns[name] for name in schema.names], schema=schema), key)

@@ -1,4 +1,4 @@
-"""Creating a MagicLens with its CLIP towers initialised from open_clip weights (tag or local file)."""
+"""open_clip weights for the CLIP towers of a MagicLens: a pretrained tag (downloaded) or a local file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import open_clip
 
 from magiclens_core.errors import BackboneWeightsUnavailable
-from magiclens_core.model.config import MagicLensConfig, resolve_config
+from magiclens_core.model.config import MagicLensConfig
 from magiclens_core.model.magiclens import MagicLens
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -45,7 +45,8 @@ def fetch_backbone(config: MagicLensConfig, tag: str) -> Path:
         ) from err
 
 
-def _backbone_file(config: MagicLensConfig, backbone: str | PathLike) -> Path:
+def backbone_file(config: MagicLensConfig, backbone: str | PathLike) -> Path:
+    """The local open_clip checkpoint `backbone` names: a file as it is, or a pretrained tag fetched."""
     path = Path(backbone)
     if path.is_file():
         return path
@@ -54,13 +55,7 @@ def _backbone_file(config: MagicLensConfig, backbone: str | PathLike) -> Path:
     return fetch_backbone(config, str(backbone))
 
 
-def create_model(config: MagicLensConfig | str | dict = "base",
-                 backbone: str | PathLike | None = None) -> MagicLens:
-    """A new MagicLens: fusion head randomly initialised, towers random, from an open_clip
-    pretrained tag (e.g. `openai`) or from a local open_clip checkpoint file."""
-    config = resolve_config(config)
-    path = None if backbone is None else _backbone_file(config, backbone)
-    model = MagicLens(config)
-    if path is not None:
-        open_clip.load_checkpoint(model.clip, str(path), strict=True)
+def load_backbone(model: MagicLens, path: str | PathLike) -> MagicLens:
+    """Load a local open_clip checkpoint into `model`'s CLIP towers (strictly); returns the model."""
+    open_clip.load_checkpoint(model.clip, str(path), strict=True)
     return model

@@ -1,6 +1,7 @@
 """The project's model format: a folder with `model.safetensors` and `config.json`.
 
-`load_model` is the one call every job and the server use; it also accepts an official `.pkl`.
+Jobs and the server load models through `magiclens_core.factory.load_model`, which reads these folders
+(and official `.pkl` files).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def save_model(model: MagicLens, directory: str | PathLike, metadata: dict[str, 
     return directory
 
 
-def read_model_info(directory: str | PathLike) -> dict[str, Any]:
+def read_config_json(directory: str | PathLike) -> dict[str, Any]:
     """The parsed config.json of a model folder (format, model_id, config, metadata)."""
     path = Path(directory) / CONFIG_FILE
     try:
@@ -94,12 +95,19 @@ def read_model_info(directory: str | PathLike) -> dict[str, Any]:
     return document
 
 
-def _load_folder(directory: Path) -> MagicLens:
-    info = read_model_info(directory)
+def folder_config(directory: str | PathLike, document: dict[str, Any]) -> MagicLensConfig:
+    """The architecture a model folder's config.json (as `read_config_json` returns it) describes."""
     try:
-        model = MagicLens(MagicLensConfig.from_dict(info["config"]))
+        return MagicLensConfig.from_dict(document["config"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {err}") from err
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid model config: {err}") from err
+
+
+def load_folder(directory: str | PathLike) -> MagicLens:
+    """A model folder as a `MagicLens` in eval mode, float32, its weights checked against their sha256."""
+    directory = Path(directory)
+    info = read_config_json(directory)
+    model = MagicLens(folder_config(directory, info))
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
@@ -116,17 +124,3 @@ def _load_folder(directory: Path) -> MagicLens:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match its config: {err}") from err
     model.model_id = info["model_id"]
     return model.eval()
-
-
-def load_model(path: str | PathLike) -> MagicLens:
-    """A `MagicLens` in eval mode, float32, from a model folder or an official `.pkl` file."""
-    path = Path(path)
-    if path.is_dir():
-        return _load_folder(path)
-    if path.suffix == ".pkl":
-        from magiclens_core.weights.official import load_official_checkpoint
-
-        return load_official_checkpoint(path)
-    if not path.exists():
-        raise CheckpointError(f"model not found: {path}")
-    raise CheckpointError(f"{path}: expected a model folder (with {CONFIG_FILE}) or an official .pkl")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+from functools import partial
 from os import PathLike
 from pathlib import Path
 
@@ -33,14 +34,21 @@ class _BytesOnlyUnpickler(pickle.Unpickler):
         raise CheckpointError(f"refusing to unpickle {module}.{name}: not an official checkpoint")
 
 
-def _decode_ext(code: int, data: bytes) -> np.ndarray:
+def _decode_ext(code: int, data: bytes, values: bool = True) -> np.ndarray:
+    """One msgpack array record; without `values`, a zero-copy placeholder of its shape and dtype."""
     if code == _EXT_NDARRAY:
         shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype_name.decode())).reshape(shape)
-    if code == _EXT_NPSCALAR:
+    elif code == _EXT_NPSCALAR:
+        shape = ()
         dtype_name, buffer = msgpack.unpackb(data, raw=True)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype_name.decode())).reshape(())
-    raise CheckpointError(f"unsupported msgpack extension type {code}")
+    else:
+        raise CheckpointError(f"unsupported msgpack extension type {code}")
+    dtype = np.dtype(dtype_name.decode())
+    if values:
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    if len(buffer) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"an array record of shape {tuple(shape)} holds {len(buffer)} bytes")
+    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -56,8 +64,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def read_official_arrays(path: str | PathLike) -> dict[str, np.ndarray]:
-    """Every parameter array of an official checkpoint, keyed by its flax path (`clip/visual/...`)."""
+def read_official_arrays(path: str | PathLike, shapes_only: bool = False) -> dict[str, np.ndarray]:
+    """Every parameter array of an official checkpoint, keyed by its flax path (`clip/visual/...`).
+
+    With `shapes_only`, each array is a read-only placeholder with the array's shape and dtype but no
+    values (enough for `infer_config` and `check_arrays`, without copying any weights).
+    """
     path = Path(path)
     try:
         payload = _BytesOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -70,7 +82,8 @@ def read_official_arrays(path: str | PathLike) -> dict[str, np.ndarray]:
     if not isinstance(payload, (bytes, bytearray)):
         raise CheckpointError(f"{path}: expected a pickled bytes object, found {type(payload).__name__}")
     try:
-        tree = msgpack.unpackb(payload, ext_hook=_decode_ext, raw=False, strict_map_key=False)
+        tree = msgpack.unpackb(payload, ext_hook=partial(_decode_ext, values=not shapes_only), raw=False,
+                               strict_map_key=False)
     except CheckpointError:
         raise
     except Exception as err:
@@ -102,7 +115,7 @@ def infer_config(arrays: dict[str, np.ndarray]) -> MagicLensConfig:
     grid = round(max(_require(arrays, "clip/visual/positional_embedding", 2).shape[0] - 1, 0) ** 0.5)
     vision_width = _require(arrays, "clip/visual/class_embedding", 1).shape[0]
     text_width = _require(arrays, "clip/text/token_embedding/embedding", 2).shape[1]
-    clip = ClipConfig(
+    clip = dict(
         embed_dim=_require(arrays, "clip/visual/proj/kernel", 2).shape[1],
         image_size=patch * grid,
         vision_width=vision_width,
@@ -122,7 +135,7 @@ def infer_config(arrays: dict[str, np.ndarray]) -> MagicLensConfig:
     fusion_q = _require(arrays, "multimodal_encoder/x_layers_0/self_attention/query/w", 3)
     pool_q = _require(arrays, "contrastive_multimodal_pooler/pool_attn/query/w", 3)
     query_tokens = _require(arrays, "contrastive_multimodal_pooler/pooling_attn_query", 2)
-    head = HeadConfig(
+    head = dict(
         embed_dim=query_tokens.shape[1],
         num_layers=_count(arrays, r"multimodal_encoder/x_layers_(\d+)/"),
         num_heads=fusion_q.shape[1],
@@ -133,11 +146,11 @@ def infer_config(arrays: dict[str, np.ndarray]) -> MagicLensConfig:
     if pool_q.shape[1] != fusion_q.shape[1]:
         raise CheckpointError("pooler and fusion encoder have different head counts; not a MagicLens layout")
     try:
-        config = MagicLensConfig(clip=clip, head=head)
+        config = MagicLensConfig(clip=ClipConfig(**clip), head=HeadConfig(**head))
     except (ValueError, ZeroDivisionError) as err:
         raise CheckpointError(f"array shapes do not describe a valid MagicLens: {err}") from err
     for named in NAMED_CONFIGS.values():
-        if (named.clip, named.head) == (clip, head):
+        if (named.clip, named.head) == (config.clip, config.head):
             return named
     return config
 
@@ -285,13 +298,8 @@ def _official_shapes(config: MagicLensConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_official_checkpoint(path: str | PathLike) -> MagicLens:
-    """A released `.pkl` as a `MagicLens` in eval mode, float32, with every array checked.
-
-    Raises `CheckpointError` naming any missing, unexpected or mis-shaped array.
-    """
-    arrays = read_official_arrays(path)
-    config = infer_config(arrays)
+def check_arrays(arrays: dict[str, np.ndarray], config: MagicLensConfig, path: str | PathLike) -> None:
+    """Raise `CheckpointError` naming any missing, unexpected or mis-shaped array of `config`'s layout."""
     shapes = _official_shapes(config)
     missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
     if missing or extra:
@@ -301,8 +309,31 @@ def load_official_checkpoint(path: str | PathLike) -> MagicLens:
                  for key, shape in shapes.items() if arrays[key].shape != shape]
     if misshaped:
         raise CheckpointError(f"{path}: arrays do not match the inferred architecture: {'; '.join(misshaped[:10])}")
+
+
+def official_model_id(path: str | PathLike) -> str:
+    """The model id of an official checkpoint: derived from the file's sha256 (a converted folder keeps it)."""
+    return f"magiclens-official-{file_sha256(Path(path))[:12]}"
+
+
+def read_official_config(path: str | PathLike) -> MagicLensConfig:
+    """The architecture of an official checkpoint from its array shapes, checked; no weight is copied."""
+    arrays = read_official_arrays(path, shapes_only=True)
+    config = infer_config(arrays)
+    check_arrays(arrays, config, path)
+    return config
+
+
+def load_official_checkpoint(path: str | PathLike) -> MagicLens:
+    """A released `.pkl` as a `MagicLens` in eval mode, float32, with every array checked.
+
+    Raises `CheckpointError` naming any missing, unexpected or mis-shaped array.
+    """
+    arrays = read_official_arrays(path)
+    config = infer_config(arrays)
+    check_arrays(arrays, config, path)
     model = MagicLens(config)
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in map_official_arrays(arrays, config).items()}
     model.load_state_dict(state, strict=True)  # the checks above make a mismatch here a mapping bug
-    model.model_id = f"magiclens-official-{file_sha256(Path(path))[:12]}"
+    model.model_id = official_model_id(path)
     return model.eval()

@@ -1,15 +1,16 @@
 """Embedder throughput vs the bare open_clip image tower, in one run; prints one JSON object.
 
     python tests/perf/embedder_throughput.py [--size base] [--batches 1 16] [--rounds 7]
+    python tests/perf/embedder_throughput.py --size tiny --rounds 2      # CPU smoke test
 
-Every side gets the same [B,3,224,224] pixels in [0,1]. "bare_image" is open_clip's `encode_image` on
-the normalised pixels; "bare_image_text" adds open_clip's `encode_text` of the instruction (the whole
-backbone a query needs). "targets" and "queries" are `Embedder.embed_targets` / `embed_queries`
-(preprocessing, the towers, the fusion head, the copy back to numpy). The ratios compare like with like:
-targets / bare_image and queries / bare_image_text (goal: under 1.05). Rounds interleave the four so
-machine noise hits all alike; medians are reported. Runs on CUDA with bf16 autocast when a GPU is
-present, else float32 on CPU. Weights are random
-(the speed does not depend on them), so nothing is downloaded.
+Every side gets the same [B,3,S,S] pixels in [0,1] at the model's input size S (224 for base and large).
+"bare_image" is open_clip's `encode_image` on the normalised pixels; "bare_image_text" adds open_clip's
+`encode_text` of the instruction (the whole backbone a query needs). "targets" and "queries" are
+`Embedder.embed_targets` / `embed_queries` (preprocessing, the towers, the fusion head, the copy back to
+numpy). The ratios compare like with like: targets / bare_image and queries / bare_image_text (goal: under
+1.05). Rounds interleave the four so machine noise hits all alike; medians are reported. Runs on CUDA with
+bf16 autocast when a GPU is present, else float32 on CPU. Weights are random (the speed does not depend on
+them), so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from magiclens_core import Embedder, create_model
+from magiclens_core import NAMED_CONFIGS, Embedder, create_model
 from magiclens_core.images.preprocess import normalize
 
 INSTRUCTION = "the same building, but an inside view at night"
@@ -39,7 +40,8 @@ def _timed(fn, device: torch.device) -> float:
 
 def measure(embedder: Embedder, batch: int, rounds: int, iters: int) -> dict:
     device = embedder.device
-    pixels = torch.rand(batch, 3, 224, 224)
+    size = embedder.model.image_size
+    pixels = torch.rand(batch, 3, size, size)
     instructions = [INSTRUCTION] * batch
     clip = embedder.model.clip
 
@@ -80,7 +82,7 @@ def measure(embedder: Embedder, batch: int, rounds: int, iters: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="base", choices=["base", "large"])
+    parser.add_argument("--size", default="base", choices=sorted(NAMED_CONFIGS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=0, help="calls per timed round (default: by device)")

@@ -3,7 +3,7 @@
     python tests/perf/search_at_scale.py [--rows 1000000] [--dim 512] [--kinds ivf_hnsw_sq ivf_pq]
 
 Writes the table through `magiclens_core.search.store` (as the indexing job does), then for each index kind:
-build time, the tuning `ImageTable.tune` stores (recall@10 measured on sample rows of the table), and, with
+build time, the tuning `index_policy.tune` stores (recall@10 measured on sample rows of the table), and, with
 those stored parameters, recall@10 and p50/p99 latency on held-out queries drawn from the same distribution
 (ground truth by an exact streaming scan). Exact LanceDB search latency is measured on a few queries for
 comparison. Vectors: 1000 cluster centres plus noise with a decaying spectrum (as embeddings have), L2
@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from magiclens_core.search.store import ImageTable, image_schema
+from magiclens_core.search.index_policy import build_index, tune
+from magiclens_core.search.store import ImageTable, IndexKind, image_schema
 
 CHUNK = 100_000
 
@@ -66,7 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--kinds", nargs="+", default=["ivf_hnsw_sq", "ivf_pq"], choices=["ivf_hnsw_sq", "ivf_pq"])
+    parser.add_argument("--kinds", nargs="+", default=["ivf_hnsw_sq", "ivf_pq"],
+                        choices=[IndexKind.IVF_HNSW_SQ.value, IndexKind.IVF_PQ.value])
     parser.add_argument("--queries", type=int, default=200, help="held-out queries for the final figures")
     parser.add_argument("--exact-queries", type=int, default=5, help="queries timed with exact LanceDB search")
     parser.add_argument("--target-recall", type=float, default=0.95)
@@ -92,10 +94,10 @@ def main() -> None:
     results = []
     for kind in args.kinds:
         start = time.perf_counter()
-        build = table.build_index(kind)
+        build = build_index(table, IndexKind(kind))
         build_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        tuned = table.tune(args.target_recall, build=build)
+        tuned = tune(table, args.target_recall, build=build)
         tune_seconds = time.perf_counter() - start
         seconds, found = _latencies(table, queries)
         results.append({

@@ -39,7 +39,8 @@ from served_pool import APP_NAME, free_port, write_images  # noqa: E402
 
 from magiclens_core import Embedder, create_model, save_model  # noqa: E402
 from magiclens_core.images.pixels import as_float_batch, model_pixels  # noqa: E402
-from magiclens_core.search.store import ImageTable, image_schema, index_table  # noqa: E402
+from magiclens_core.search.index_policy import index_table  # noqa: E402
+from magiclens_core.search.store import ImageTable, IndexKind, image_schema  # noqa: E402
 
 INSTRUCTIONS = ["the same, but blue", "two of them", "on a black background", "larger", "on the left", ""]
 
@@ -50,7 +51,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "n": len(ms)}
 
 
-def build_table(root: Path, rows: int, embedder: Embedder, images: list[Path], index: str) -> tuple[ImageTable, dict]:
+def build_table(root: Path, rows: int, embedder: Embedder, images: list[Path],
+                index: IndexKind) -> tuple[ImageTable, dict]:
     table = ImageTable.create(str(root / "db"), "bench", image_schema(embedder.dim))
     vectors = ClusteredVectors(embedder.dim)
     started = time.perf_counter()
@@ -121,7 +123,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--size", default="base", help="random-weight model size when --model is not given")
     parser.add_argument("--model", help="model folder or official .pkl (else random weights of --size)")
-    parser.add_argument("--index", default="auto", choices=["auto", "none", "ivf_hnsw_sq", "ivf_pq"])
+    parser.add_argument("--index", type=IndexKind, default=IndexKind.AUTO, choices=list(IndexKind))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--per-client", type=int, default=8, help="sequential requests per client")
     parser.add_argument("--in-process", type=int, default=30, help="queries timed in-process")

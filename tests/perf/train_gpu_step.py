@@ -21,7 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from magiclens_core.learning.learner import Learner, initial_model, resolve_precision, set_trainable
+from magiclens_core.factory import initial_model
+from magiclens_core.learning.learner import Learner, set_trainable
+from magiclens_core.model.precision import autocast, resolve_precision
 
 INSTRUCTIONS = ["same shape but blue", "two of them, on the left", "the same building, inside view at night",
                 "make it bigger, on a black background"]
@@ -32,7 +34,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare_step_factory(model, device: torch.device, dtype: torch.dtype | None, lr: float):
+def bare_step_factory(model, device: torch.device, precision: str, lr: float):
     """A bare loop step: towers + head, query negatives, cross-entropy, clipping, AdamW; nothing else."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
@@ -43,7 +45,7 @@ def bare_step_factory(model, device: torch.device, dtype: torch.dtype | None, lr
         query = batch["query_pixels"].to(device).permute(0, 3, 1, 2).float().div_(255)
         target = batch["target_pixels"].to(device).permute(0, 3, 1, 2).float().div_(255)
         rows = query.shape[0]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(precision, device):
             images = model.encode_image(torch.cat([query, target]))
             texts = model.encode_text(batch["query_ids"].to(device))
             empty = model.encode_text(empty_ids).expand(2 * rows, -1)
@@ -78,7 +80,7 @@ def main() -> None:
     parser.add_argument("--no-grad-checkpointing", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_precision("auto", device)
+    precision = resolve_precision("auto", device)
     checkpointing = not args.no_grad_checkpointing
 
     learner = Learner(initial_model(args.size), device=device, lr=1e-5, total_steps=10_000,
@@ -86,7 +88,7 @@ def main() -> None:
     bare_model = initial_model(args.size).to(device).train()
     set_trainable(bare_model, "all")
     bare_model.clip.set_grad_checkpointing(checkpointing)
-    bare = bare_step_factory(bare_model, device, dtype, lr=1e-5)
+    bare = bare_step_factory(bare_model, device, precision, lr=1e-5)
 
     size = learner.model.image_size
     generator = torch.Generator().manual_seed(0)
@@ -106,7 +108,7 @@ def main() -> None:
     ours_s, bare_s = statistics.median(ours_times), statistics.median(bare_times)
     print(json.dumps({
         "benchmark": "train_gpu_step", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "size": args.size, "precision": "bf16" if dtype else "fp32", "grad_checkpointing": checkpointing,
+        "size": args.size, "precision": precision, "grad_checkpointing": checkpointing,
         "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
         "trainable_params": learner.trainable,
         "ours_triplets_per_s": args.batch / ours_s, "bare_triplets_per_s": args.batch / bare_s,

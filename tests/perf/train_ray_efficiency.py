@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -25,8 +24,10 @@ import torch
 
 from jobs.common import init_ray
 from jobs.stages.triplets import training_dataset
-from jobs.train_loop import TrainConfig, build_trainer, cpus_needed
-from magiclens_core.learning.learner import Learner, initial_model
+from jobs.train import TrainConfig, local_ray_cpus
+from jobs.train_loop import build_trainer
+from magiclens_core.factory import initial_model
+from magiclens_core.learning.learner import Learner
 from magiclens_core.synthetic import SyntheticWorld
 
 
@@ -59,7 +60,7 @@ def main() -> None:
         config = TrainConfig(triplets=str(path), init=args.init, name="efficiency", storage=folder, workers=1,
                              cpus_per_worker=args.threads, batch_size=args.batch_size, steps=args.steps,
                              lr=1e-3, warmup_steps=5, checkpoint_every=args.steps, log_every=args.steps)
-        init_ray(num_cpus=max(os.cpu_count() or 1, cpus_needed(config)))
+        init_ray(num_cpus=local_ray_cpus(config))
         model = initial_model(config.init, seed=config.seed)
         dataset = training_dataset(str(path), model.image_size).materialize()
         everything = dataset.take_batch(batch_size=dataset.count(), batch_format="numpy")
