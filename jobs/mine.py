@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from jobs.common import run_job
+from jobs.common import hold_writer_lock, run_job
 from jobs.stages.mining import (
     REJECT_SCHEMA,
     STAGES,
@@ -36,6 +36,8 @@ from jobs.stages.sources import GLOB_CHARACTERS, list_files
 from magiclens_core.images.sources import filesystem_of
 from magiclens_core.mining.output import MiningOutput
 from magiclens_core.mining.pages import PAGE_EXTENSIONS
+
+LOCK_FILE = "_writer.lock"  # held by the run writing --out
 
 
 @dataclass(kw_only=True)
@@ -80,6 +82,18 @@ def _flatten(column: pa.ChunkedArray, schema: pa.Schema) -> pa.Table:
 
 
 def run(config: MineConfig) -> dict:
+    """Mine the pages not yet committed to `--out`, holding `--out`'s writer lock meanwhile (a second run on
+    the same folder is refused at once, since its clean-up of uncommitted parts would remove this run's); the
+    summary."""
+    os.makedirs(config.out, exist_ok=True)
+    lock = hold_writer_lock(os.path.join(config.out, LOCK_FILE), "jobs.mine")
+    try:
+        return _mine(config)
+    finally:
+        os.close(lock)
+
+
+def _mine(config: MineConfig) -> dict:
     started = time.perf_counter()
     output = MiningOutput(config.out)
     done, kept_ids, triplets_before = output.committed_pages()

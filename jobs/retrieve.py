@@ -22,10 +22,8 @@ it needs a local or shared (POSIX) filesystem, and on object storage one run per
 The last line printed is a JSON summary.
 """
 
-import fcntl
 import hashlib
 import os
-import socket
 import sys
 import time
 import uuid
@@ -39,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from jobs.common import run_job
+from jobs.common import hold_writer_lock, run_job
 from jobs.stages.embed import (
     DETAIL,
     EMBEDDING,
@@ -137,7 +135,7 @@ class Output:
 
     def __enter__(self) -> "Output":
         if isinstance(self.filesystem, pafs.LocalFileSystem):
-            self._lock = _hold_lock(os.path.join(self.root, LOCK_FILE))
+            self._lock = hold_writer_lock(os.path.join(self.root, LOCK_FILE), "jobs.retrieve")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,23 +166,6 @@ class Output:
         table = pa.concat_tables([row.select(list(REJECT_COLUMNS)).cast(schema) for row in rows]) if rows \
             else schema.empty_table()
         self._write(REJECTS_FILE, table)
-
-
-def _hold_lock(path: str) -> int:
-    """An open descriptor holding an exclusive `flock` on the file at `path`, which names this run; exits with
-    an error naming the lock and its holder when another run holds it."""
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 512).decode(errors="replace").strip() or "another run"
-        os.close(descriptor)
-        raise SystemExit(f"error: {os.path.dirname(path)} is being written by {holder}, which holds the lock "
-                         f"{path}; wait for that run to end or write to another --out") from None
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"jobs.retrieve pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    return descriptor
 
 
 def run(config: RetrieveConfig) -> dict:

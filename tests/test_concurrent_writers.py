@@ -4,6 +4,7 @@ second run is refused, naming the lock; a dead run leaves no lock behind)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -169,3 +170,24 @@ def test_a_second_retrieve_on_one_out_is_refused_and_nothing_is_answered_twice(r
     assert (again["queries_searched"], again["already_done"]) == (0, len(uris))
     answered = pq.read_table(out).column("query_id").to_pylist()
     assert sorted(answered) == sorted(f"q{n}" for n in range(len(uris)))
+
+
+def test_a_second_mining_run_on_one_out_is_refused_before_it_touches_the_folder(tmp_path):
+    """The mining job holds `--out`'s writer lock from its start: a second run is refused at once, before its
+    clean-up of uncommitted parts could remove the first run's parts."""
+    from jobs import mine
+
+    out = tmp_path / "mined"
+    (out / "triplets").mkdir(parents=True)
+    in_flight = out / "triplets" / "part-inflight-00000.parquet"  # a part the holder has not committed yet
+    in_flight.write_bytes(b"PAR1")
+    holder = os.open(out / mine.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(holder, b"jobs.mine pid 1 on elsewhere")
+        config = mine.MineConfig(pages=[str(tmp_path / "pages")], model="unused", out=str(out))
+        with pytest.raises(SystemExit, match="jobs.mine pid 1 on elsewhere, which holds the lock"):
+            mine.run(config)
+        assert in_flight.exists()
+    finally:
+        os.close(holder)
