@@ -1,0 +1,95 @@
+"""Throughput of the triplet mining job end to end, per stage, and the cost of mining at the paper's scale.
+
+    python tests/perf/mine_pipeline.py [--pages 2000] [--instructions template|llm] [--cpus 4]
+
+Pages built by `SyntheticWorld(seed=0).write_web_pages` (HTML files with their images, in a temporary
+folder) are mined by `jobs.mine.run` on a local Ray started here (`ray.init(num_cpus=--cpus)`), with the
+tiny official-format checkpoint of the test fixtures and the README's flags (`--min-side 32 --image-low 0
+--image-high 0.999 --text-low 0.3`). Reported: pages/s and triplets/s of the whole run (model loads
+included), the job's seconds per stage (the seconds each stage's workers spent on the pages, summed over
+workers) and their shares, pages per triplet, and a projection to `--target-triplets` (36.7M, the paper's
+data set): core-hours per stage at the measured pages per triplet and stage seconds per page, counting a
+stage's worker-second as one core-second (the stages' tasks are single-threaded Python; the model actors'
+torch threads are what Ray gives an actor), and the core-hours the run's reserved CPUs took for its wall
+time. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from jobs.mine import MineConfig, run
+from magiclens_core.synthetic import SyntheticWorld
+
+OFFICIAL_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny" / "params_tiny.pkl"
+PAPER_TRIPLETS = 36_700_000
+
+
+def projection(summary: dict, target_triplets: int, cpus: int) -> dict:
+    """Core-hours to mine `target_triplets` at this run's pages per triplet and per-stage seconds per page."""
+    pages, triplets = summary["pages_read"], summary["triplets_written"]
+    if not pages or not triplets:
+        return {"error": "no triplets mined: nothing to project from"}
+    pages_needed = target_triplets * pages / triplets
+    stage_hours = {stage: round(seconds / pages * pages_needed / 3600, 1)
+                   for stage, seconds in summary["seconds_per_stage"].items()}
+    return {
+        "target_triplets": target_triplets, "pages_needed": round(pages_needed),
+        "stage_core_hours": stage_hours, "total_stage_core_hours": round(sum(stage_hours.values()), 1),
+        "dominant_stage": max(stage_hours, key=stage_hours.get),
+        "reserved_core_hours_at_run_rate": round(target_triplets / summary["triplets_per_s"] * cpus / 3600, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=2000)
+    parser.add_argument("--instructions", default="template", choices=["template", "llm"])
+    parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument("--model", default=str(OFFICIAL_TINY))
+    parser.add_argument("--target-triplets", type=int, default=PAPER_TRIPLETS)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mine_pipeline_"))
+    started = time.perf_counter()
+    site = SyntheticWorld(seed=0).write_web_pages(work / "site", args.pages)
+    write_seconds = time.perf_counter() - started
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False)
+    config = MineConfig(pages=[str(site)], out=str(work / "mined"), model=args.model,
+                        instructions=args.instructions, min_side=32, image_low=0.0, image_high=0.999,
+                        text_low=0.3)
+    try:
+        summary = run(config)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    seconds = summary["seconds_per_stage"]
+    total = sum(seconds.values()) or 1.0
+    pages, triplets = summary["pages_read"], summary["triplets_written"]
+    print(json.dumps({
+        "benchmark": "mine_pipeline", "instructions": args.instructions, "pages": args.pages,
+        "ray_cpus": args.cpus, "machine_cores": os.cpu_count(), "corpus_write_s": round(write_seconds, 2),
+        "job_seconds": summary["seconds"], "pages_read": pages, "images_found": summary["images_found"],
+        "images_kept": summary["images_kept"], "pairs_scored": summary["pairs_scored"],
+        "triplets_written": triplets, "instructions_by_origin": summary["instructions_by_origin"],
+        "rejects": summary["rejects"],
+        "pages_per_s": summary["pages_per_s"], "triplets_per_s": summary["triplets_per_s"],
+        "seconds_per_stage": seconds,
+        "stage_share": {stage: round(value / total, 3) for stage, value in seconds.items()},
+        "pages_per_triplet": round(pages / triplets, 3) if triplets else None,
+        "projection": projection(summary, args.target_triplets, args.cpus),
+    }))
+
+
+if __name__ == "__main__":
+    main()
