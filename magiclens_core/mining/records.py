@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from magiclens_core.images.identity import content_id
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Page:
     def page_id(self) -> str:
         """A stable id: the source, the place in it and the URL, hashed."""
         key = f"{self.source}\n{self.ordinal}\n{self.url}".encode()
-        return hashlib.blake2b(key, digest_size=16).hexdigest()
+        return content_id(key)
 
     def to_row(self) -> dict[str, Any]:
         """The page as one Arrow-ready row (see `PAGE_SCHEMA` in the Ray stages)."""

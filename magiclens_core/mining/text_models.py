@@ -7,13 +7,14 @@ recipe for all-MiniLM-L6-v2). The default is the copy of all-MiniLM-L6-v2 that t
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from magiclens_core.weights.folder import file_sha256
 
 PACKAGED_MODELS = {
     # name → (package, folder inside it, weights file, sha256 of the weights file)
@@ -31,13 +32,8 @@ def package_folder(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@lru_cache(maxsize=8)
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# a packaged model's pinned hash is checked once per process, however many models load it
+_checked_sha256 = lru_cache(maxsize=8)(file_sha256)
 
 
 def resolve_packaged(name: str, packaged: dict[str, tuple[str, str, str, str]]) -> tuple[str, str | None]:
@@ -47,7 +43,7 @@ def resolve_packaged(name: str, packaged: dict[str, tuple[str, str, str, str]]) 
         return name, None
     package, inner, weights, sha256 = packaged[name]
     folder = package_folder(package) / inner
-    actual = file_sha256(folder / weights)
+    actual = _checked_sha256(folder / weights)
     if actual != sha256:
         raise ValueError(f"{folder / weights}: sha256 {actual} is not the pinned {sha256}")
     return str(folder), weights
