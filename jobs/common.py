@@ -6,13 +6,17 @@ import argparse
 import dataclasses
 import enum
 import fcntl
+import glob
 import json
+import logging
+import math
 import os
 import socket
 import sys
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,16 +110,116 @@ def parse_config(config_type: type[ConfigT], argv: list[str] | None = None,
         parser.error(str(err))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the running cluster (`RAY_ADDRESS`, or inside `ray job submit`), else start a local one."""
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """What a job reserves at once (its actors, plus the CPU its reading tasks need), and the flags that set it."""
+
+    cpus: float
+    gpus: float = 0.0
+    flags: str = "--workers/--cpus-per-worker"
+
+
+class InputError(Exception):
+    """A bad input (a missing file, model or table), told as one line on stderr before Ray starts."""
+
+
+def require_paths(config: Any, *names: str) -> None:
+    """`InputError` naming the flag when a local path (or glob) in one of the config fields `names` does not
+    exist; URIs (`s3://...`) are left to the job, which opens them with the filesystem they name."""
+    for name in names:
+        value = getattr(config, name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item is None or "://" in str(item):
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if glob.has_magic(str(item)):
+                if not glob.glob(str(item), recursive=True):
+                    raise InputError(f"{flag} {item}: matches no file")
+            elif not os.path.exists(item):
+                raise InputError(f"{flag} {item}: no such file or folder")
+
+
+def require_model(path: str, flag: str = "--model") -> None:
+    """`InputError` when `path` is not a model `describe_model` can read (a model folder or official .pkl)."""
+    from magiclens_core.factory import describe_model
+
+    if "://" not in path and not os.path.exists(path):
+        raise InputError(f"{flag} {path}: no such model folder or .pkl")
+    try:
+        describe_model(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{flag} {path}: not a MagicLens model ({err})") from None
+
+
+def require_table(db: str, table: str) -> None:
+    """`InputError` when the LanceDB table `table` does not exist in a local `db` (remote ones are opened
+    by the job); nothing is created on the way."""
+    if "://" in db:
+        return
+    if not os.path.isdir(os.path.join(db, f"{table}.lance")):
+        raise InputError(f"--table {table}: no such table in --db {db}")
+
+
+def _quiet_known_warnings() -> None:
+    """Silence the warnings lance and lancedb give at every fork: Ray starts its processes with fork and
+    exec (`subprocess`), which replaces the child at once, and nothing in a job forks otherwise."""
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+
+
+def _wants_local_ray() -> bool:
+    return os.environ.get("RAY_ADDRESS", "") in ("", "local")
+
+
+def init_ray(demand: Demand | None = None) -> None:
+    """Connect to the running cluster (`RAY_ADDRESS`, or inside `ray job submit`), else start a local one
+    (also for `RAY_ADDRESS=local`) with enough logical CPUs for `demand`; then check that the cluster can
+    ever hold `demand` (`check_demand`)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    if not ray.is_initialized():
+        _quiet_known_warnings()
+        if _wants_local_ray() or (Path.home() / ".ray" / "auth_token").is_file():
+            # what Ray chooses itself then (a new local Ray turns token authentication on, a connection uses
+            # the token there is), said explicitly so that Ray does not warn of its choice on every run
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if _wants_local_ray():
+            cpus = max(os.cpu_count() or 1, math.ceil(demand.cpus)) if demand else None
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=logging.WARNING)
+    if demand is not None:
+        check_demand(demand)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The most CPUs and GPUs the connected cluster can have: its autoscaler's upper bounds when it has one,
+    else what its nodes have now."""
+    import ray
+
+    capacity = {key: ray.cluster_resources().get(key, 0.0) for key in ("CPU", "GPU")}
+    try:
+        from ray._private.state import state
+
+        bounds = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older or newer Ray without the autoscaler's config: use what is there
+        bounds = {}
+    return {key: max(value, float(bounds.get(key, 0))) for key, value in capacity.items()}
+
+
+def check_demand(demand: Demand) -> None:
+    """`InputError` naming the flags to change when the cluster can never hold `demand` at once (so a job
+    fails in seconds instead of waiting forever for CPUs or GPUs that will not come)."""
+    import ray
+
+    capacity = cluster_capacity()
+    for key, wanted in (("CPU", demand.cpus), ("GPU", demand.gpus)):
+        if wanted > capacity[key] + 1e-9:
+            raise InputError(f"this run needs {wanted:g} {key}s at once and the cluster can have at most "
+                             f"{capacity[key]:g}; lower {demand.flags}")
+        if wanted > ray.cluster_resources().get(key, 0.0) + 1e-9:
+            print(f"this run needs {wanted:g} {key}s at once: it waits for the cluster's autoscaler to add "
+                  "nodes", file=sys.stderr, flush=True)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -144,14 +248,22 @@ def hold_writer_lock(path: str, job: str) -> int:
 
 def run_job(config_type: type[ConfigT], run: Callable[[ConfigT], dict[str, Any]], argv: list[str] | None,
             description: str | None, prog: str,
-            num_cpus: Callable[[ConfigT], int] | None = None,
-            needs_ray: Callable[[ConfigT], bool] | None = None) -> dict[str, Any]:
-    """A job's `main`: its config from `argv` (see `parse_config`), Ray connected, `run(config)`, the summary
-    printed as the last line and returned. `num_cpus(config)` sizes a local Ray when one is started (default:
-    the machine's cores); `needs_ray(config)` false leaves Ray alone for that run (default: always connect)."""
+            demand: Callable[[ConfigT], Demand] | None = None,
+            needs_ray: Callable[[ConfigT], bool] | None = None,
+            check_inputs: Callable[[ConfigT], None] | None = None) -> dict[str, Any]:
+    """A job's `main`: its config from `argv` (see `parse_config`), its inputs checked (`check_inputs`), Ray
+    connected and checked to fit `demand(config)` (a local Ray gets enough logical CPUs for it), `run(config)`,
+    the summary printed as the last line and returned. `needs_ray(config)` false leaves Ray alone for that run
+    (default: always connect). An `InputError` from any step ends the job with one line on stderr, exit 2."""
     config = parse_config(config_type, argv, description=description, prog=prog)
-    if needs_ray is None or needs_ray(config):
-        init_ray(num_cpus=num_cpus(config) if num_cpus else None)
-    summary = run(config)
+    try:
+        if check_inputs is not None:
+            check_inputs(config)
+        if needs_ray is None or needs_ray(config):
+            init_ray(demand(config) if demand else None)
+        summary = run(config)
+    except InputError as err:
+        print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print_summary(summary)
     return summary

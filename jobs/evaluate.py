@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.common import run_job
+from jobs.common import InputError, require_model, require_paths, run_job
 from jobs.stages.embed import (
     EMBEDDING,
     ID,
@@ -37,6 +37,7 @@ from jobs.stages.embed import (
     EmbedOptions,
     check_instructions,
     embed_images,
+    embedding_demand,
     read_images,
 )
 from jobs.stages.sources import table_dataset
@@ -190,12 +191,22 @@ def _run_from_command_line(config: EvaluateConfig) -> dict:
     try:
         return run(config)
     except (BenchmarkDataError, PredictionError, EvaluationError) as err:
-        raise SystemExit(f"error: {err}") from err
+        raise InputError(str(err)) from err
+
+
+def check_inputs(config: EvaluateConfig) -> None:
+    """The benchmark's folder, the model or the predictions exist (before Ray starts)."""
+    if bool(config.model) == bool(config.predictions):
+        raise InputError("give either --model (with --out) or --predictions")
+    require_paths(config, "data", "predictions")
+    if config.model:
+        require_model(config.model)
 
 
 def main(argv: list[str] | None = None) -> dict:
     return run_job(EvaluateConfig, _run_from_command_line, argv, __doc__.splitlines()[0], "python -m jobs.evaluate",
-                   needs_ray=lambda config: bool(config.model) and not config.predictions)
+                   demand=embedding_demand, needs_ray=lambda config: bool(config.model) and not config.predictions,
+                   check_inputs=check_inputs)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from jobs.common import run_job
+from jobs.common import require_model, require_paths, run_job
 from jobs.stages.embed import (
     CLIP_EMBEDDING,
     DETAIL,
@@ -36,6 +36,7 @@ from jobs.stages.embed import (
     WIDTH,
     EmbedOptions,
     embed_images,
+    embedding_demand,
     read_images,
     user_columns,
 )
@@ -172,8 +173,15 @@ def run(config: IndexConfig) -> dict:
     }
 
 
+def check_inputs(config: IndexConfig) -> None:
+    """The images and the model exist (before Ray starts)."""
+    require_paths(config, "images")
+    require_model(config.model)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_job(IndexConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.index")
+    return run_job(IndexConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.index",
+                   demand=embedding_demand, check_inputs=check_inputs)
 
 
 if __name__ == "__main__":

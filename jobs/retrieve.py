@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from jobs.common import hold_writer_lock, run_job
+from jobs.common import Demand, hold_writer_lock, require_model, require_paths, require_table, run_job
 from jobs.stages.embed import (
     DETAIL,
     EMBEDDING,
@@ -49,6 +49,7 @@ from jobs.stages.embed import (
     EmbedOptions,
     check_instructions,
     embed_images,
+    embedding_demand,
     read_images,
 )
 from jobs.stages.sources import source_dataset
@@ -196,8 +197,8 @@ def _retrieve(config: RetrieveConfig, output: Output) -> dict:
     dataset = dataset.map_batches(
         SearchWorker, fn_constructor_kwargs={"db": config.db, "table": config.table, "k": config.k, "where": where,
                                              "id_column": config.id_column},
-        batch_format="pyarrow", batch_size=config.batch_size, concurrency=config.search_workers,
-        num_cpus=config.cpus_per_search_worker)
+        batch_format="pyarrow", batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.search_workers), num_cpus=config.cpus_per_search_worker)
     counts = {"queries_searched": 0, "already_done": 0, "rejected": 0}
     rejects: list[pa.Table] = []
     last_report = time.perf_counter()
@@ -219,9 +220,23 @@ def _retrieve(config: RetrieveConfig, output: Output) -> dict:
             "queries_per_s": round(counts["queries_searched"] / seconds, 2) if seconds > 0 else None}
 
 
+def demand(config: RetrieveConfig) -> Demand:
+    """The embedding stages' reservation plus the search actors'."""
+    return embedding_demand(config, config.search_workers * config.cpus_per_search_worker,
+                            "--search-workers or --cpus-per-search-worker")
+
+
+def check_inputs(config: RetrieveConfig) -> None:
+    """The queries, the model and the table exist (before Ray starts)."""
+    require_paths(config, "queries")
+    require_model(config.model)
+    require_table(config.db, config.table)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse options, connect to Ray, retrieve, print and return the summary."""
-    return run_job(RetrieveConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.retrieve")
+    """Parse options, check the inputs, connect to Ray, retrieve, print and return the summary."""
+    return run_job(RetrieveConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.retrieve",
+                   demand=demand, check_inputs=check_inputs)
 
 
 if __name__ == "__main__":

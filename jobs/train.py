@@ -14,7 +14,6 @@ The per-worker loop, checkpoints and export are in `jobs.train_loop`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -22,18 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.common import run_job
+from jobs.common import Demand, require_paths, run_job
 from jobs.stages.triplets import read_triplets, training_dataset
 from jobs.train_loop import MODEL_DIR, best_checkpoint, build_trainer, export_model, storage_path, summarize
 from magiclens_core.factory import initial_model
 from magiclens_core.learning.learner import TrainParts, check_training_precision
+from magiclens_core.model.config import NAMED_CONFIGS
 from magiclens_core.model.precision import Precision
 
 SUMMARY_FILE = "summary.json"
 # Fault-injection for tests: a worker process dies once at this step (only in an attempt that started from 0).
 FAULT_ENV = "MAGICLENS_TRAIN_KILL_AT_STEP"
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,16 +93,20 @@ class TrainConfig:
         check_training_precision(self.precision)
 
 
-def cpus_needed(config: TrainConfig) -> int:
-    """Logical CPUs a run needs at least: the workers', the validation task's, and one for Ray Data's
-    decoding (a local Ray gets at least this many, so data tasks never wait behind the workers)."""
+def demand(config: TrainConfig) -> Demand:
+    """What a run reserves at once: the workers', the validation task's, and one CPU for Ray Data's decoding
+    (a local Ray gets at least this many logical CPUs, so data tasks never wait behind the workers)."""
     validation = config.validation_cpus if config.validation else 0.0
-    return math.ceil(config.workers * config.cpus_per_worker + validation) + 1
+    gpus = (config.workers if config.use_gpu else 0) + (config.validation_gpus if config.validation else 0.0)
+    return Demand(cpus=math.ceil(config.workers * config.cpus_per_worker + validation) + 1, gpus=gpus,
+                  flags="--workers, --cpus-per-worker or --validation-cpus (GPUs: --use-gpu, --validation-gpus)")
 
 
-def local_ray_cpus(config: TrainConfig) -> int:
-    """Logical CPUs of a local Ray started for the run: the machine's cores, or what the run needs if more."""
-    return max(os.cpu_count() or 1, cpus_needed(config))
+def check_inputs(config: TrainConfig) -> None:
+    """The triplets, the validation set and a model given by path exist (before Ray starts)."""
+    require_paths(config, "triplets", "validation")
+    if config.init not in NAMED_CONFIGS:
+        require_paths(config, "init")
 
 
 def total_steps(config: TrainConfig, count_rows: Callable[[], int]) -> int:
@@ -137,11 +139,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
         finished = json.loads(summary_path.read_text())
         if finished["steps"] >= total and Path(finished["model"]).is_dir():
             return {**finished, "already_finished": True}
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if cluster_cpus < cpus_needed(config):
-        logger.warning("the cluster has %s CPUs now; this run needs %s (workers, validation and data decoding): "
-                       "it waits until the cluster grows (or lower --workers/--cpus-per-worker)",
-                       cluster_cpus, cpus_needed(config))
     model = initial_model(config.init, config.backbone, config.seed)
     fault = os.environ.get(FAULT_ENV)
     dataset = training_dataset(config.triplets, model.image_size, crop_min=config.crop_min)
@@ -156,9 +153,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse options, connect to Ray (a local Ray gets `local_ray_cpus`), train, print and return the summary."""
+    """Parse options, check the inputs, connect to Ray (sized by `demand`), train, print and return the summary."""
     return run_job(TrainConfig, run, argv, description=__doc__.splitlines()[0], prog="python -m jobs.train",
-                   num_cpus=local_ray_cpus)
+                   demand=demand, check_inputs=check_inputs)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import ray
 import torch
 from ray.data.extensions import ArrowTensorArray
 
+from jobs.common import Demand
 from magiclens_core import Embedder, ImageDecodeError
 from magiclens_core.images.decode import DEFAULT_MAX_PIXELS
 from magiclens_core.images.identity import content_id
@@ -54,7 +55,7 @@ Role = Literal["query", "target"]
 READ_BATCH = 64  # images per read/decode task batch
 # Memory reserved per decode task (a large image decodes to a few hundred MB). Declaring it also keeps
 # Ray Data from fusing decoding into the embedding actors: decoding stays in CPU tasks that scale apart.
-DECODE_MEMORY = 512 * 1024 * 1024
+DECODE_MEMORY = 768 * 1024 * 1024
 
 
 @dataclass(kw_only=True)
@@ -74,6 +75,14 @@ class EmbedOptions:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger images"})
     min_size: int = field(default=1, metadata={"help": "reject images with a shorter side"})
     truncate_instructions: bool = field(default=False, metadata={"help": "cut instructions over 77 tokens"})
+
+
+def embedding_demand(options: EmbedOptions, extra_cpus: float = 0.0, extra_flags: str = "") -> Demand:
+    """What the embedding stages reserve at once: the actor pool, one CPU for the read and decode tasks,
+    and `extra_cpus` of the job's own (named by `extra_flags`)."""
+    flags = "--workers or --cpus-per-worker" + (f" (or {extra_flags})" if extra_flags else "")
+    return Demand(cpus=options.workers * options.cpus_per_worker + 1 + extra_cpus,
+                  gpus=options.workers * options.gpus_per_worker, flags=flags)
 
 
 def check_source_columns(names: Iterable[str]) -> None:
@@ -293,5 +302,5 @@ def embed_images(dataset: ray.data.Dataset, options: EmbedOptions, image_size: i
     return dataset.map_batches(
         EmbedWorker, fn_constructor_kwargs={"options": options, "role": role,
                                             "instruction_column": instruction_column},
-        batch_format="pyarrow", batch_size=options.batch_size, concurrency=options.workers,
+        batch_format="pyarrow", batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=options.workers),
         num_gpus=options.gpus_per_worker or None, num_cpus=options.cpus_per_worker, zero_copy_batch=True)

@@ -68,6 +68,8 @@ def model_pixels(data: bytes, size: int, mode: PreprocessMode = "model", max_pix
 
 def as_float_batch(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B,S,S,3] pixels → float [B,3,S,S] in [0,1], the batch form `Embedder` takes."""
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+        pixels = pixels.copy()  # torch refuses to share read-only memory (Arrow buffers are)
     tensor = torch.as_tensor(pixels)
     return tensor.movedim(-1, -3).float().div_(255.0)
 

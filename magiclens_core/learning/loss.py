@@ -26,6 +26,16 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, differentiable: torch's functional collective where it has one (the older
+    `torch.distributed.nn.all_gather` is deprecated), else that."""
+    try:
+        from torch.distributed._functional_collectives import all_gather_single_autograd
+    except ImportError:  # torch before the functional autograd collectives
+        return torch.cat(torch.distributed.nn.all_gather(local))
+    return all_gather_single_autograd(local.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
 def all_gather(local: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """Every process's `local` rows concatenated in rank order (as open_clip's `gather_features`).
 
@@ -34,8 +44,8 @@ def all_gather(local: torch.Tensor, with_grad: bool) -> torch.Tensor:
     rank, world = _world()
     if world == 1:
         return local
-    if with_grad:
-        return torch.cat(torch.distributed.nn.all_gather(local))
+    if with_grad:  # the backward pass sums each rank's gradient of its slice, as open_clip's gathering does
+        return _gather_with_grad(local)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.detach())
     parts[rank] = local

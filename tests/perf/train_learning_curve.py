@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from jobs.common import init_ray
-from jobs.train import TrainConfig, local_ray_cpus, run
+from jobs.train import TrainConfig, demand, run
 from jobs.train_loop import SCORE
 from magiclens_core.synthetic import SyntheticWorld
 
@@ -47,7 +47,7 @@ def main() -> None:
             weight_decay=0.05, temperature=0.07, learn_temperature=True, validation=str(bench),
             checkpoint_every=args.validate_every, keep_checkpoints=args.steps // args.validate_every + 1,
             seed=args.seed, log_every=args.validate_every)
-        init_ray(num_cpus=local_ray_cpus(config))
+        init_ray(demand(config))
         started = time.perf_counter()
         summary = run(config)
         job_seconds = time.perf_counter() - started

@@ -24,7 +24,7 @@ import torch
 
 from jobs.common import init_ray
 from jobs.stages.triplets import training_dataset
-from jobs.train import TrainConfig, local_ray_cpus
+from jobs.train import TrainConfig, demand
 from jobs.train_loop import build_trainer
 from magiclens_core.factory import initial_model
 from magiclens_core.learning.learner import Learner
@@ -60,7 +60,7 @@ def main() -> None:
         config = TrainConfig(triplets=str(path), init=args.init, name="efficiency", storage=folder, workers=1,
                              cpus_per_worker=args.threads, batch_size=args.batch_size, steps=args.steps,
                              lr=1e-3, warmup_steps=5, checkpoint_every=args.steps, log_every=args.steps)
-        init_ray(num_cpus=local_ray_cpus(config))
+        init_ray(demand(config))
         model = initial_model(config.init, seed=config.seed)
         dataset = training_dataset(str(path), model.image_size).materialize()
         everything = dataset.take_batch(batch_size=dataset.count(), batch_format="numpy")
