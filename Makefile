@@ -1,8 +1,9 @@
-# `make test` installs the project into .venv (first run only, or when pyproject.toml changes) and runs the tests.
+# `make demo` and `make test` install the project into .venv (first run only, or when pyproject.toml or
+# constraints.txt change); then `demo` runs the whole system end to end on a local Ray, `test` the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint bench
+.PHONY: install demo test lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -11,6 +12,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m jobs.demo
 
 test: install
 	$(PY) -m pytest

@@ -152,11 +152,10 @@ def require_model(path: str, flag: str = "--model") -> None:
 
 
 def require_table(db: str, table: str) -> None:
-    """`InputError` when the LanceDB table `table` does not exist in a local `db` (remote ones are opened
-    by the job); nothing is created on the way."""
-    if "://" in db:
-        return
-    if not os.path.isdir(os.path.join(db, f"{table}.lance")):
+    """`InputError` when the database `db` holds no table `table`; nothing is created on the way."""
+    from magiclens_core.search.store import table_exists
+
+    if not table_exists(db, table):
         raise InputError(f"--table {table}: no such table in --db {db}")
 
 

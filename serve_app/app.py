@@ -227,5 +227,10 @@ def application(config: AppConfig, encoder_options: dict[str, Any] | None = None
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run` / `serve deploy` (`import_path: serve_app.app:build_app`); `args` are
-    `AppConfig` fields."""
-    return application(AppConfig.model_validate(args))
+    `AppConfig` fields. A missing model or table stops the deployment here, with one message, instead of
+    replicas failing one after another."""
+    config = AppConfig.model_validate(args)
+    missing = config.missing_sources()
+    if missing:
+        raise ValueError("cannot serve: " + "; ".join(missing))
+    return application(config)

@@ -59,6 +59,17 @@ class AppConfig(BaseModel):
         """What the replicas may read of the URIs the table stores."""
         return UriPolicy.allowing(self.allowed_uri_prefixes)
 
+    def missing_sources(self) -> list[str]:
+        """What of the model and the table is not there (checked without creating anything)."""
+        from magiclens_core.search.store import table_exists
+
+        missing = []
+        if "://" not in self.model and not os.path.exists(self.model):
+            missing.append(f"model: no model folder or .pkl at {self.model}")
+        if not table_exists(self.db, self.table):
+            missing.append(f"table: no table {self.table!r} in {self.db}")
+        return missing
+
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
         if self.default_k > self.max_k:

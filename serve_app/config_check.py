@@ -1,11 +1,15 @@
 """Check a Serve config file for this application strictly: Serve's own schema, no unknown key at any level
-(Serve ignores those silently), the application's `args`, and batching that can fill.
+(Serve ignores those silently), the application's `args`, batching that can fill; and, unless `--schema-only`,
+that the model and the table it names exist and that its replicas fit the cluster (`RAY_ADDRESS`'s, else
+this machine's cores, which a local `serve run` gets).
 
-    python -m serve_app.config_check serve_app/config.yaml
+    python -m serve_app.config_check serve_app/config.yaml [--schema-only]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import types
 import typing
@@ -102,14 +106,57 @@ def check_file(path: str | Path) -> list[str]:
     return check_config(yaml.safe_load(Path(path).read_text()))
 
 
+def minimum_cpus(data: dict[str, Any]) -> float:
+    """CPUs the config's replicas reserve at their fewest (`num_replicas`, else autoscaling's minimum)."""
+    total = 0.0
+    for application in data.get("applications") or []:
+        for deployment in application.get("deployments") or []:
+            scaling = deployment.get("autoscaling_config") or {}
+            replicas = deployment.get("num_replicas", scaling.get("min_replicas", 1))
+            cpus = (deployment.get("ray_actor_options") or {}).get("num_cpus", 1)
+            total += (0 if replicas == "auto" else replicas) * cpus
+    return total
+
+
+def cluster_cpus() -> float:
+    """CPUs of the cluster at `RAY_ADDRESS`, else of this machine (what a local `serve run` starts with)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return float(os.cpu_count() or 1)
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+    try:
+        return ray.cluster_resources().get("CPU", 0.0)
+    finally:
+        ray.shutdown()
+
+
+def deployment_problems(data: dict[str, Any], cpus: float) -> list[str]:
+    """What stops the config's applications from starting: a missing model or table, replicas over `cpus`."""
+    problems = []
+    for index, application in enumerate(data.get("applications") or []):
+        if application.get("import_path") == IMPORT_PATH:
+            config = AppConfig.model_validate(application.get("args") or {})
+            problems += [f"applications[{index}].args.{problem}" for problem in config.missing_sources()]
+    needed = minimum_cpus(data)
+    if needed > cpus:
+        problems.append(f"the replicas reserve {needed:g} CPUs at their fewest and the cluster has {cpus:g}: "
+                        "lower ray_actor_options.num_cpus or the replica counts")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    paths = argv if argv is not None else sys.argv[1:]
-    if not paths:
-        print("usage: python -m serve_app.config_check CONFIG.yaml ...", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m serve_app.config_check", description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
+    parser.add_argument("--schema-only", action="store_true",
+                        help="check the file alone: not the model, the table or the cluster (for templates)")
+    args = parser.parse_args(argv)
+    cpus = None if args.schema_only else cluster_cpus()
     failed = False
-    for path in paths:
+    for path in args.configs:
         problems = check_file(path)
+        if not problems and cpus is not None:
+            problems = deployment_problems(yaml.safe_load(Path(path).read_text()), cpus)
         failed |= bool(problems)
         print(f"{path}: ok" if not problems else f"{path}:\n  " + "\n  ".join(problems))
     return 1 if failed else 0

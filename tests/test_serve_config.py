@@ -13,7 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 from starlette.middleware import Middleware
 
 from serve_app.config import AppConfig
-from serve_app.config_check import check_config, check_file, main
+from serve_app.config_check import check_config, check_file, deployment_problems, main, minimum_cpus
 from serve_app.proxy_errors import PROXY_CALLBACK
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_app" / "config.yaml"
@@ -26,7 +26,7 @@ def config() -> dict:
 
 def test_the_shipped_config_is_sound(config):
     assert check_file(CONFIG) == []
-    assert main([str(CONFIG)]) == 0
+    assert main([str(CONFIG), "--schema-only"]) == 0
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
     assert app["import_path"] == "serve_app.app:build_app"
@@ -105,3 +105,21 @@ def test_the_shipped_config_survives_losing_any_one_replica_on_two_cpus(config):
     assert env == PROXY_CALLBACK  # the proxy answers a request a lost replica held with a JSON 503
     module, _, name = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
     assert all(isinstance(entry, Middleware) for entry in getattr(importlib.import_module(module), name)())
+
+
+def test_a_config_naming_a_missing_model_or_table_or_too_many_cpus_is_refused(config, tmp_path):
+    import lancedb
+    import pyarrow as pa
+
+    args = config["applications"][0]["args"]
+    args.update(model=str(tmp_path / "no-model"), db=str(tmp_path / "db"), table="images")
+    problems = deployment_problems(config, cpus=64)
+    assert any("no model folder" in problem for problem in problems)
+    assert any("no table 'images'" in problem for problem in problems)
+    assert not (tmp_path / "db").exists()  # checking created nothing
+    lancedb.connect(tmp_path / "db").create_table("images", pa.table({"id": ["a"]}))
+    args["model"] = str(Path(__file__).parent / "fixtures" / "official_tiny" / "params_tiny.pkl")
+    assert deployment_problems(config, cpus=64) == []
+    needed = minimum_cpus(config)
+    assert needed > 0
+    assert any(f"reserve {needed:g} CPUs" in problem for problem in deployment_problems(config, cpus=needed / 2))

@@ -19,6 +19,7 @@ latest version, and of two writers creating one table, one creates it and the ot
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -30,9 +31,11 @@ import lance
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lancedb.index import HnswSq, IvfPq
 
 from magiclens_core.search.filters import And, Comparison, Filter, InList, IsNull, Or, integer_ranges, normalise
+from magiclens_core.search.memory_index import MemoryIndex
 
 VECTOR = "vector"
 CLIP_VECTOR = "clip_vector"
@@ -188,26 +191,89 @@ def _open_or_create(db: lancedb.DBConnection, uri: str, name: str, schema: pa.Sc
     return db.open_table(name)
 
 
-class ImageTable:
-    """One LanceDB table of image embeddings (and its rejects table)."""
+class TableVersion:
+    """One version of the image table as searches read it: its Lance dataset handle (kept open, so its caches
+    live on), schema and stored search parameters, read once."""
 
-    def __init__(self, db: lancedb.DBConnection, table: Any, name: str) -> None:
+    def __init__(self, dataset: lance.LanceDataset) -> None:
+        self.dataset = dataset
+        self.version: int = dataset.version
+        self.schema: pa.Schema = dataset.schema
+        self.params = {column: _stored_params(self.schema, column) for column in (VECTOR, CLIP_VECTOR)
+                       if column in self.schema.names}
+
+    def moved_to(self, version: int) -> TableVersion:
+        """This table at `version` (itself when it is there), sharing the dataset's caches."""
+        return self if version == self.version else TableVersion(self.dataset.checkout_version(version))
+
+    def ids(self) -> np.ndarray:
+        """Every row's id, in scan order, as a numpy bytes array."""
+        parts = [batch.column(0).to_numpy(zero_copy_only=False).astype(np.bytes_)
+                 for batch in self.dataset.to_batches(columns=["id"]) if batch.num_rows]
+        return np.concatenate(parts) if parts else np.array([], dtype="S1")
+
+    def unit_vectors(self, column: str, offset: int = 0, batch_rows: int = 65_536) -> Iterator[np.ndarray]:
+        """The column's vectors of the rows from position `offset` on, L2 normalised float32, in batches."""
+        rows = self.dataset.count_rows()
+        for first in range(offset, rows, batch_rows):
+            batch = self.dataset.to_table(columns=[column], offset=first, limit=min(batch_rows, rows - first))
+            yield _unit_rows(_column_matrix(batch.column(0)))
+
+    def keeps(self, where: str) -> np.ndarray:
+        """Whether each row satisfies the SQL predicate `where` (NULL: not), in scan order."""
+        kept = self.dataset.to_table(columns={"keep": where}).column(0)
+        return pc.fill_null(kept, False).to_numpy(zero_copy_only=False).astype(bool)
+
+    def take(self, positions: np.ndarray, columns: list[str] | None) -> pa.Table:
+        """The rows at these positions of the scan order, in that order."""
+        return self.dataset.take(positions, columns=columns)
+
+
+def _stored_params(schema: pa.Schema, column: str) -> SearchParams:
+    raw = (schema.field(column).metadata or {}).get(SEARCH_KEY.encode())
+    return SearchParams.from_json(raw.decode()) if raw else SearchParams()
+
+
+class ImageTable:
+    """One LanceDB table of image embeddings (and its rejects table).
+
+    Reads go through a `TableVersion` of the handle's version, kept until a write or `refresh` moves the
+    handle. `memory_index="faiss"` holds a faiss HNSW graph of the `vector` column in memory beside the table
+    (`magiclens_core.search.memory_index`), built when the table is opened and kept in step with its versions
+    by `refresh` and by this handle's writes; approximate searches of `vector` then use it, and the rows they
+    return are read from the table.
+    """
+
+    def __init__(self, db: lancedb.DBConnection, table: Any, name: str, memory_index: str | None = None) -> None:
         self._db = db
         self._table = table
         self.name = name
         self._keyed = False
+        self._read = TableVersion(table.to_lance())
+        self._memory: MemoryIndex | None = None
+        if memory_index == "faiss":
+            self._memory = MemoryIndex(VECTOR)
+            self._memory.follow(self._read)
+        elif memory_index is not None:
+            raise ValueError(f"no memory index {memory_index!r}; expected 'faiss' or None")
+
+    def _moved(self) -> None:
+        """Move the reads (and the memory index) to the version the handle is at now."""
+        self._read = self._read.moved_to(self._table.version)
+        if self._memory is not None:
+            self._memory.follow(self._read)
 
     # ------------------------------------------------------------------ open / create
 
     @classmethod
-    def open(cls, uri: str, name: str) -> ImageTable:
-        """An existing table; `FileNotFoundError` naming it when there is none."""
+    def open(cls, uri: str, name: str, memory_index: str | None = None) -> ImageTable:
+        """An existing table; `FileNotFoundError` naming it when there is none. `memory_index`: see the class."""
         db = _connect(uri)
         try:
             table = db.open_table(name)
         except (ValueError, FileNotFoundError) as err:
             raise FileNotFoundError(f"no table {name!r} in {uri}") from err
-        return cls(db, table, name)
+        return cls(db, table, name, memory_index)
 
     @classmethod
     def create(cls, uri: str, name: str, schema: pa.Schema) -> ImageTable:
@@ -225,7 +291,7 @@ class ImageTable:
 
     @property
     def schema(self) -> pa.Schema:
-        return self._table.schema
+        return self._read.schema
 
     @property
     def dim(self) -> int:
@@ -237,25 +303,28 @@ class ImageTable:
         return self._table.uri
 
     @property
+    def memory_index(self) -> MemoryIndex | None:
+        """The graph held beside the table (None without `memory_index=`)."""
+        return self._memory
+
+    @property
     def version(self) -> int:
-        return self._table.version
+        """The version this handle reads."""
+        return self._read.version
 
     def count(self) -> int:
-        return self._table.count_rows()
+        return self._read.dataset.count_rows()
 
     def refresh(self) -> None:
-        """See rows committed by other writers since this handle was opened."""
+        """See rows committed by other writers since this handle was opened (or last refreshed)."""
         self._table.checkout_latest()
+        self._moved()
 
     # ------------------------------------------------------------------ rows
 
     def ids(self) -> np.ndarray:
         """Every id in the table, sorted, as a numpy bytes array (for `np.searchsorted` membership tests)."""
-        parts = [batch.column(0).to_numpy(zero_copy_only=False).astype(np.bytes_)
-                 for batch in self._table.to_lance().to_batches(columns=["id"]) if batch.num_rows]
-        if not parts:
-            return np.array([], dtype="S1")
-        return np.sort(np.concatenate(parts))
+        return np.sort(self._read.ids())
 
     def add(self, rows: pa.Table | dict[str, Any]) -> int:
         """Insert the rows whose id the table does not hold yet, in one commit (one table version); returns
@@ -274,32 +343,35 @@ class ImageTable:
         columns = [rows.column(target.name).cast(target.type) if target.name in rows.column_names
                    else pa.nulls(rows.num_rows, target.type) for target in schema]
         self._declare_key()
-        return _insert_new(self._table, pa.Table.from_arrays(columns, schema=schema), ["id"])
+        inserted = _insert_new(self._table, pa.Table.from_arrays(columns, schema=schema), ["id"])
+        self._moved()
+        return inserted
 
     def _declare_key(self) -> None:
         """Declare `id` the primary key of a table made before it was (what makes concurrent merges safe)."""
         if not self._keyed and PRIMARY_KEY.encode() not in (self.schema.field("id").metadata or {}):
             _committed(self._table, lambda: self._table.update_field_metadata({"path": "id", "metadata": _KEY}))
+            self._moved()
         self._keyed = True
 
     def scan(self, columns: list[str], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Stream the table's rows (chosen columns) in record batches."""
-        yield from self._table.to_lance().to_batches(columns=columns, batch_size=batch_rows)
+        yield from self._read.dataset.to_batches(columns=columns, batch_size=batch_rows)
 
     def get(self, ids: list[str], columns: list[str] | None = None) -> pa.Table:
         """The rows with these ids (any order; unknown ids are simply absent)."""
         if not ids:
             return self.schema.empty_table().select(columns) if columns else self.schema.empty_table()
         listed = ", ".join(_sql_string(value) for value in ids)
-        return self._table.to_lance().to_table(columns=columns, filter=f"id IN ({listed})")
+        return self._read.dataset.to_table(columns=columns, filter=f"id IN ({listed})")
 
     def head(self, limit: int, offset: int = 0, columns: list[str] | None = None) -> pa.Table:
         """`limit` rows from position `offset`, in storage order (for browsing the table)."""
-        return self._table.to_lance().to_table(columns=columns, offset=offset, limit=limit)
+        return self._read.dataset.to_table(columns=columns, offset=offset, limit=limit)
 
     def sample(self, count: int, column: str = VECTOR, seed: int = 0) -> tuple[list[str], np.ndarray]:
         """Ids and stored vectors of `count` random rows (fewer when the table is smaller)."""
-        dataset = self._table.to_lance()
+        dataset = self._read.dataset
         rows = dataset.count_rows()
         chosen = np.sort(np.random.default_rng(seed).choice(rows, size=min(count, rows), replace=False))
         taken = dataset.take(chosen, columns=["id", column])
@@ -309,41 +381,38 @@ class ImageTable:
 
     def search_params(self, column: str = VECTOR) -> SearchParams:
         """The stored search parameters of a vector column (exact search when none are stored)."""
-        metadata = self.schema.field(column).metadata or {}
-        raw = metadata.get(SEARCH_KEY.encode())
-        return SearchParams.from_json(raw.decode()) if raw else SearchParams()
-
-    def _query(self, vector: np.ndarray, k: int, column: str, filter: str | Filter | None,
-               params: SearchParams | None, exact: bool):
-        query = self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
-        query = query.distance_type(DISTANCE).limit(k)
-        if filter:
-            query = query.where(filter if isinstance(filter, str) else filter_sql(filter, self.schema),
-                                prefilter=True)
-        params = params or self.search_params(column)
-        if exact or params.index_type is None:
-            return query.bypass_vector_index()
-        if params.nprobes:
-            query = query.nprobes(params.nprobes)
-        if params.refine_factor:
-            query = query.refine_factor(params.refine_factor)
-        if params.ef:  # HNSW must explore at least the candidates asked of it (k, times the refine factor)
-            query = query.ef(max(params.ef, k * (params.refine_factor or 1)))
-        return query
+        read = self._read
+        return read.params[column] if column in read.params else _stored_params(read.schema, column)
 
     def search(self, vector: np.ndarray, k: int = 10, filter: str | Filter | None = None, column: str = VECTOR,
                select: list[str] | None = None, exact: bool = False,
                params: SearchParams | None = None) -> pa.Table:
-        """The k nearest rows to `vector` (cosine), best first, with a `_distance` column.
+        """The k nearest rows to `vector` (cosine), best first, with a `_distance` column (only the `select`ed
+        columns and `_distance` when `select` is given).
 
-        Uses the column's stored tuned parameters unless `params` is given; `exact=True` scans all rows.
+        Uses the column's stored tuned parameters unless `params` is given; `exact=True` scans all rows. With
+        a memory index, approximate searches of `vector` use its graph (and its own tuned breadth) instead.
         `filter` is a SQL predicate over the table's columns, or a parsed `magiclens_core.search.filters.Filter`
         (applied before the vector search).
         """
-        query = self._query(vector, k, column, filter, params, exact)
-        if select is not None:
-            query = query.select([*select, *(["_distance"] if "_distance" not in select else [])])
-        return query.to_arrow()
+        read = self._read
+        where = filter if isinstance(filter, str) or filter is None else filter_sql(filter, read.schema)
+        columns = None if select is None else [name for name in select if name != "_distance"]
+        query = np.asarray(vector, dtype=np.float32)
+        if self._memory is not None and column == VECTOR and not exact:
+            found, positions, distances = self._memory.search(_unit_rows(query.reshape(1, -1)), k, where or None)
+            rows = found.take(positions, columns)
+            return rows.append_column("_distance", pa.array(distances, pa.float32()))
+        params = params or self.search_params(column)
+        nearest: dict[str, Any] = {"column": column, "q": query, "k": k, "metric": DISTANCE}
+        if exact or params.index_type is None:
+            nearest["use_index"] = False
+        else:
+            nearest.update({name: value for name, value in (
+                ("nprobes", params.nprobes), ("refine_factor", params.refine_factor),
+                # HNSW must explore at least the candidates asked of it (k, times the refine factor)
+                ("ef", params.ef and max(params.ef, k * (params.refine_factor or 1)))) if value})
+        return read.dataset.to_table(nearest=nearest, columns=columns, filter=where or None, prefilter=True)
 
     def exact_neighbors(self, queries: np.ndarray, k: int = 10, column: str = VECTOR,
                         batch_rows: int = 65_536) -> np.ndarray:
@@ -378,15 +447,18 @@ class ImageTable:
             raise ValueError(f"no index of kind {kind!r} to build; expected ivf_pq or ivf_hnsw_sq")
         config = configs[kind](distance_type=DISTANCE, **build)
         _committed(self._table, lambda: self._table.create_index(column, config=config, replace=True))
+        self._moved()
 
     def store_search_params(self, column: str, params: SearchParams) -> None:
         """Store how to search the column in its field metadata, where every reader finds it."""
         update = {"path": column, "metadata": {SEARCH_KEY: params.to_json()}}
         _committed(self._table, lambda: self._table.update_field_metadata(update))
+        self._moved()
 
     def update_index(self) -> None:
         """Fold rows appended since the indexes were built into them, and compact small appends."""
         _committed(self._table, self._table.optimize)
+        self._moved()
 
     # ------------------------------------------------------------------ model and rejects
 
@@ -394,7 +466,7 @@ class ImageTable:
         """Raise `ValueError` when the table's rows were embedded by another model than `model_id`."""
         if self.count() == 0:
             return
-        stored = self._table.to_lance().take([0], columns=["model_id"]).column("model_id")[0].as_py()
+        stored = self._read.dataset.take([0], columns=["model_id"]).column("model_id")[0].as_py()
         if stored != model_id:
             raise ValueError(f"table {self.name!r} holds embeddings of model {stored!r}, not {model_id!r}; "
                              "index into another table or use the same model")
@@ -494,3 +566,12 @@ class RejectsTable:
         schema = self._table.schema
         key = _primary_key(schema) or ["uri", "reason"]  # a table made before it had a key: (uri, reason)
         return _insert_new(self._table, pa.table([columns[name] for name in schema.names], schema=schema), key)
+
+
+def table_exists(uri: str, name: str) -> bool:
+    """Whether the database at `uri` holds a table `name`, creating nothing (connecting to a local folder
+    that is not there would create it)."""
+    if "://" not in uri or uri.startswith("file://"):
+        folder = uri.removeprefix("file://")
+        return os.path.isdir(os.path.join(folder, f"{name}.lance"))
+    return name in _connect(uri).table_names()
