@@ -16,7 +16,6 @@ import sys
 import time
 import types
 import typing
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,13 +158,6 @@ def require_table(db: str, table: str) -> None:
         raise InputError(f"--table {table}: no such table in --db {db}")
 
 
-def _quiet_known_warnings() -> None:
-    """Silence the warnings lance and lancedb give at every fork: Ray starts its processes with fork and
-    exec (`subprocess`), which replaces the child at once, and nothing in a job forks otherwise."""
-    warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
-    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-
-
 def _wants_local_ray() -> bool:
     return os.environ.get("RAY_ADDRESS", "") in ("", "local")
 
@@ -176,8 +168,10 @@ def init_ray(demand: Demand | None = None) -> None:
     ever hold `demand` (`check_demand`)."""
     import ray
 
+    from magiclens_core.search.store import silence_fork_warnings
+
     if not ray.is_initialized():
-        _quiet_known_warnings()
+        silence_fork_warnings()
         if _wants_local_ray() or (Path.home() / ".ray" / "auth_token").is_file():
             # what Ray chooses itself then (a new local Ray turns token authentication on, a connection uses
             # the token there is), said explicitly so that Ray does not warn of its choice on every run

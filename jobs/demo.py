@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from jobs import evaluate, index, mine, train
 from jobs.common import Demand, InputError, init_ray, run_job
 from magiclens_core.synthetic import SyntheticWorld
@@ -88,7 +91,9 @@ def stage(work: Path, name: str, job: Any, argv: list[str], line: Callable[[dict
 
 
 def write_world(work: Path, config: DemoConfig) -> dict[str, Path]:
-    """The synthetic site, benchmark, image pool and sample queries (written once, reused after)."""
+    """The synthetic site, the benchmark, its image pool as files, a few of its queries as files (with
+    `queries.json`: image, instruction, right answer) and all of them as `jobs.retrieve` input
+    (`queries.parquet`); written once, reused after."""
     world = SyntheticWorld(seed=config.seed)
     paths = {"pages": work / "site", "bench": work / "benchmark", "pool": work / "pool", "queries": work / "queries"}
     if not (paths["pages"] / f"page{config.pages - 1}.html").is_file():
@@ -106,6 +111,8 @@ def write_world(work: Path, config: DemoConfig) -> dict[str, Path]:
             file.write_bytes(bench.query_images[number])
             samples.append({"image": str(file), "instruction": bench.instructions[number],
                             "answer": f"{bench.pool_ids[bench.answers[number]]}.png"})
+        pq.write_table(pa.table({"query_id": bench.query_ids, "image": pa.array(bench.query_images, pa.binary()),
+                                 "instruction": bench.instructions}), paths["queries"] / "queries.parquet")
         (paths["queries"] / "queries.json").write_text(json.dumps(samples, indent=1))
     return paths
 

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from magiclens_core.search.store import silence_fork_warnings
+
+    silence_fork_warnings()
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # a new local Ray's own choice, without its warning
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
     try:
         _deploy(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,17 @@ def test_a_config_naming_a_missing_model_or_table_or_too_many_cpus_is_refused(co
     needed = minimum_cpus(config)
     assert needed > 0
     assert any(f"reserve {needed:g} CPUs" in problem for problem in deployment_problems(config, cpus=needed / 2))
+
+
+def test_serving_a_config_with_a_missing_table_exits_at_once_with_one_message(config, tmp_path):
+    import subprocess
+    import sys
+
+    config["applications"][0]["args"].update(db=str(tmp_path / "db"), table="images")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    finished = subprocess.run([sys.executable, "-m", "serve_app.run", str(path)], capture_output=True, text=True,
+                              timeout=300, cwd=CONFIG.parents[1], env={**os.environ, "RAY_TMPDIR": str(tmp_path)})
+    assert finished.returncode == 1
+    assert "cannot serve" in finished.stderr and "no table 'images'" in finished.stderr, finished.stderr
+    assert not (tmp_path / "db").exists() and not (tmp_path / "session_latest").exists()  # no Ray was started
