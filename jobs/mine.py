@@ -5,8 +5,10 @@
 SRC: WARC (`.warc`, `.warc.gz`), WAT (`.wat`, `.wat.gz`), HTML files (`.html`, `.htm`) and JSONL pages
 (`.jsonl`), given as files, folders (searched recursively) or globs, local or in object storage. Writes
 `DIR/triplets/` (Parquet parts that `jobs.train --triplets DIR/triplets` reads), `DIR/rejects/` and the
-commit records `DIR/pages/`. Resumable by page: a rerun skips the pages already committed and writes no
-triplet twice. Progress on stderr; the last line printed is a JSON summary.
+commit records `DIR/pages/`. `--captioner FOLDER` describes each image with a `transformers` image-to-text
+model too (its caption in the triplets' `*_caption` columns, the page's own in `*_page_caption`); a folder
+or name that is not there is a usage error before Ray starts. Resumable by page: a rerun skips the pages
+already committed and writes no triplet twice. Progress on stderr; the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from jobs.common import hold_writer_lock, run_job
+from jobs.common import hold_writer_lock, require_model, require_paths, run_job
 from jobs.stages.mining import (
     REJECT_SCHEMA,
     STAGES,
@@ -30,6 +32,7 @@ from jobs.stages.mining import (
     MiningOptions,
     SeenImages,
     mine_pages,
+    mining_demand,
     read_page_files,
 )
 from jobs.stages.sources import GLOB_CHARACTERS, list_files
@@ -46,8 +49,6 @@ class MineConfig(MiningOptions):
     out: str = field(metadata={"help": "output folder (triplets/, rejects/, pages/)"})
     instructions: Literal["template", "llm"] = field(
         default="template", metadata={"help": "template: from the metadata; llm: a text-generation model"})
-    captioner: Literal["none"] = field(default="none", metadata={
-        "help": "none: images are described by their alt text, title and caption or nearby text"})
     commit_pages: int = field(default=64, metadata={"help": "pages per output commit"})
 
 
@@ -138,6 +139,7 @@ def _mine(config: MineConfig) -> dict:
         "pages_already_done": len(done), "triplets_before": triplets_before,
         "uncommitted_parts_removed": output.removed_uncommitted,
         "rejects": dict(sorted(rejects_by.items())), "instructions_by_origin": dict(origins),
+        "captioner": config.captioner,
         "seconds_per_stage": {stage: round(seconds[stage], 3) for stage in STAGES},
         "pages_per_s": round(counts["pages_read"] / elapsed, 2), "triplets_per_s": round(
             counts["triplets_written"] / elapsed, 3),
@@ -146,8 +148,15 @@ def _mine(config: MineConfig) -> dict:
     }
 
 
+def check_inputs(config: MineConfig) -> None:
+    """The page sources and the image model exist (before Ray starts)."""
+    require_paths(config, "pages")
+    require_model(config.model)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_job(MineConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.mine")
+    return run_job(MineConfig, run, argv, __doc__.splitlines()[0], "python -m jobs.mine",
+                   demand=mining_demand, check_inputs=check_inputs)
 
 
 if __name__ == "__main__":

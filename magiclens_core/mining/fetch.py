@@ -6,8 +6,9 @@ honoured within the deadline), a bound on downloads in flight and a request rate
 `X-Robots-Tag` says `noai` or `noimageai` are refused, and content is sniffed from its first bytes, never
 taken from the URL or the `Content-Type`. Loopback, private, link-local, metadata and other non-global
 addresses are refused after DNS resolution, on every connection (so after every redirect too), unless
-`allow_private` or an explicit `allow_networks` entry lets them through. Results never raise: each URL
-gets bytes or a reason.
+`allow_private` or an explicit `allow_networks` entry lets them through: the check is the network backend
+of the `httpcore` connection pool the downloads go through (httpx parses and normalises the URLs).
+Results never raise: each URL gets bytes or a reason.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ import httpx
 from magiclens_core.images.sources import UriNotAllowed, UriPolicy
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 NOAI_DIRECTIVES = ("noai", "noimageai")
+# what a download can fail with on the way (connection, protocol, timeouts): retried, then `unreachable`
+TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException,
+                    httpcore.UnsupportedProtocol, OSError)
 DEFAULT_USER_AGENT = "magiclens-miner/0.1 (image-text research crawler; honours X-Robots-Tag noai)"
 
 
@@ -113,15 +118,14 @@ class AddressPolicy:
         return self.allow_private or ip.is_global or any(ip in network for network in self.networks)
 
 
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """The connection backend that resolves the host itself and connects only to allowed addresses."""
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """A connection backend that resolves the host itself and connects only to addresses `policy` allows."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend, policy: AddressPolicy) -> None:
-        self.inner, self.policy = inner, policy
+    def __init__(self, policy: AddressPolicy, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.policy, self.inner = policy, inner or httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = await _resolve(host, port)
         refused = [address for address in addresses if not self.policy.allows(address)]
         if refused or not addresses:
             raise FetchRefused("private_address", f"{host} resolves to {', '.join(refused) or 'nothing'}")
@@ -146,8 +150,18 @@ class HostRate:
             await asyncio.sleep(slot - now)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _headers(response: httpcore.Response, name: str) -> list[str]:
+    """The values of one response header (any case)."""
+    key = name.lower().encode()
+    return [value.decode("latin-1") for header, value in response.headers if header.lower() == key]
+
+
+def _header(response: httpcore.Response, name: str) -> str:
+    return ", ".join(_headers(response, name))
+
+
+def _retry_after(response: httpcore.Response) -> float | None:
+    value = _header(response, "retry-after")
     if not value:
         return None
     if value.strip().isdigit():
@@ -164,14 +178,13 @@ class Fetcher:
         self.options = options
         self.local = UriPolicy.allowing(options.local_roots) if options.local_roots else UriPolicy()
         self.address_policy = AddressPolicy.of(options)
+        self.headers = [(b"User-Agent", options.user_agent.encode()), (b"Accept", b"image/*"),
+                        (b"Accept-Encoding", b"identity")]  # bodies are read as sent: no decompression
 
-    def _client(self) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(
-            max_connections=self.options.concurrency, max_keepalive_connections=self.options.concurrency))
-        pool = transport._pool  # httpx's httpcore pool: the address guard goes into its network backend
-        pool._network_backend = _GuardedBackend(pool._network_backend, self.address_policy)
-        return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False,
-                                 headers={"User-Agent": self.options.user_agent, "Accept": "image/*"})
+    def _pool(self) -> httpcore.AsyncConnectionPool:
+        return httpcore.AsyncConnectionPool(max_connections=self.options.concurrency,
+                                            max_keepalive_connections=self.options.concurrency,
+                                            network_backend=GuardedBackend(self.address_policy))
 
     def fetch(self, urls: Sequence[str]) -> list[FetchResult]:
         """`fetch_all` from synchronous code (its own event loop)."""
@@ -182,19 +195,20 @@ class Fetcher:
         unique = list(dict.fromkeys(urls))
         semaphore = asyncio.Semaphore(self.options.concurrency)
         rate = HostRate(self.options.per_host_rate)
-        async with self._client() as client:
-            results = await asyncio.gather(*(self._bounded(client, semaphore, rate, url) for url in unique))
+        async with self._pool() as pool:
+            results = await asyncio.gather(*(self._bounded(pool, semaphore, rate, url) for url in unique))
         by_url = dict(zip(unique, results, strict=True))
         return [by_url[url] for url in urls]
 
-    async def _bounded(self, client, semaphore, rate, url: str) -> FetchResult:
+    async def _bounded(self, pool: httpcore.AsyncConnectionPool, semaphore: asyncio.Semaphore, rate: HostRate,
+                       url: str) -> FetchResult:
         result = FetchResult(url)
         host = urlsplit(url).hostname if not _is_local(url) else None
         if host:
             await rate.wait(host)  # politeness waits are not part of the download's deadline
         async with semaphore:
             try:
-                work = self._read_local(url) if _is_local(url) else self._download(client, rate, url, result)
+                work = self._read_local(url) if _is_local(url) else self._download(pool, rate, url, result)
                 result.data = await asyncio.wait_for(work, self.options.deadline_s)
                 result.mime = sniff_image_type(result.data)
                 if result.mime is None:
@@ -203,7 +217,7 @@ class Fetcher:
                 result.data, result.reason, result.detail = None, err.reason, err.detail
             except TimeoutError:
                 result.reason, result.detail = "deadline", f"not done within {self.options.deadline_s:g}s"
-            except (httpx.HTTPError, OSError, ValueError) as err:
+            except (*TRANSPORT_ERRORS, ValueError) as err:
                 result.reason, result.detail = "unreachable", f"{type(err).__name__}: {err}"[:300]
             return result
 
@@ -221,13 +235,14 @@ class Fetcher:
         with open(path, "rb") as file:
             return file.read(self.options.max_bytes + 1)
 
-    async def _download(self, client: httpx.AsyncClient, rate: HostRate, url: str, result: FetchResult) -> bytes:
+    async def _download(self, pool: httpcore.AsyncConnectionPool, rate: HostRate, url: str,
+                        result: FetchResult) -> bytes:
         delay = self.options.backoff_s
         while True:
             result.attempts += 1
             try:
-                outcome = await self._follow(client, rate, url, wait_first=result.attempts > 1)
-            except (httpx.TransportError, OSError):
+                outcome = await self._follow(pool, rate, url, wait_first=result.attempts > 1)
+            except TRANSPORT_ERRORS:
                 if result.attempts > self.options.retries:
                     raise
                 wait = delay
@@ -241,39 +256,53 @@ class Fetcher:
             await asyncio.sleep(wait)  # past the deadline, the download's timeout ends it
             delay *= 2
 
-    async def _follow(self, client: httpx.AsyncClient, rate: HostRate, url: str,
+    async def _follow(self, pool: httpcore.AsyncConnectionPool, rate: HostRate, url: str,
                       wait_first: bool) -> bytes | tuple[int, float | None]:
         """The body at `url` after redirects, or (status, Retry-After) of a response without one."""
         for hop in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                parsed = httpx.URL(url)
+            except httpx.InvalidURL as err:
+                raise FetchRefused("bad_url", f"{url}: {err}") from err
+            if parsed.scheme not in ("http", "https") or not parsed.host:
                 raise FetchRefused("bad_url", f"{url}: only http(s) URLs with a host are fetched")
-            _check_literal_host(parts.hostname, self.address_policy)
+            _check_literal_host(parsed.host, self.address_policy)
             if hop or wait_first:  # a first try's slot was taken before its deadline started
-                await rate.wait(parts.hostname)
-            async with client.stream("GET", url) as response:
-                if says_noai(response.headers.get_list("x-robots-tag")):
-                    raise FetchRefused("robots_noai", f"X-Robots-Tag: {response.headers.get('x-robots-tag')}")
-                if response.is_redirect and "location" in response.headers:
-                    url = urljoin(url, response.headers["location"])
+                await rate.wait(parsed.host)
+            target = httpcore.URL(scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port,
+                                  target=parsed.raw_path)
+            async with pool.stream("GET", target, headers=self.headers) as response:
+                if says_noai(_headers(response, "x-robots-tag")):
+                    raise FetchRefused("robots_noai", f"X-Robots-Tag: {_header(response, 'x-robots-tag')}")
+                if response.status in REDIRECT_STATUSES and (location := _header(response, "location")):
+                    url = urljoin(str(parsed), location)
                     continue
-                if response.status_code != 200:
-                    return response.status_code, _retry_after(response)
+                if response.status != 200:
+                    return response.status, _retry_after(response)
                 return await self._body(response)
         raise FetchRefused("too_many_redirects", f"more than {MAX_REDIRECTS}")
 
-    async def _body(self, response: httpx.Response) -> bytes:
+    async def _body(self, response: httpcore.Response) -> bytes:
         limit = self.options.max_bytes
-        declared = response.headers.get("content-length", "")
+        declared = _header(response, "content-length")
         if declared.isdigit() and int(declared) > limit:
             raise FetchRefused("too_large", f"Content-Length {declared} over the limit of {limit}")
         chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_stream():
             size += len(chunk)
             if size > limit:
                 raise FetchRefused("too_large", f"over the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses of a host (an IP literal is its own, without a lookup in the resolver's threads)."""
+    try:
+        return [str(ipaddress.ip_address(host.strip("[]")))]
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 def _is_local(url: str) -> bool:

@@ -113,10 +113,15 @@ def check_instruction(instruction: str | None, texts: list[str], tokenizer: Toke
     return None
 
 
-def template_instruction(target: ImageText, tokenizer: Tokenizer) -> str:
-    """The deterministic instruction: the target's alt text (else its caption), `... instead`, cut to fit the
-    text tower."""
+def template_instruction(target: ImageText, tokenizer: Tokenizer, query: ImageText | None = None) -> str:
+    """The deterministic instruction: what the target's alt text (else its caption) says that the query's
+    does not (its words in order, the whole text when it adds nothing or no query is given), then
+    `instead`, cut to fit the text tower. E.g. "a small red circle" → "a small blue circle": `blue instead`."""
     words = (target.alt or target.caption).split()
+    if query is not None:
+        known = set(_words(query.alt or query.caption))
+        new = [word.strip(",.;:!?\"'()") for word in words if not set(_words(word)) <= known]
+        words = [word for word in new if word] or words
     while words:
         text = " ".join(words) + " instead"
         if tokenizer.token_count(text) <= tokenizer.context_length:

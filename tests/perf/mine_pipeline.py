@@ -1,6 +1,6 @@
 """Throughput of the triplet mining job end to end, per stage, and the cost of mining at the paper's scale.
 
-    python tests/perf/mine_pipeline.py [--pages 2000] [--instructions template|llm] [--cpus 4]
+    python tests/perf/mine_pipeline.py [--pages 2000] [--instructions template|llm] [--cpus 4] [--no-alone]
 
 Pages built by `SyntheticWorld(seed=0).write_web_pages` (HTML files with their images, in a temporary
 folder) are mined by `jobs.mine.run` on a local Ray started here (`ray.init(num_cpus=--cpus)`), with the
@@ -11,7 +11,10 @@ workers) and their shares, pages per triplet, and a projection to `--target-trip
 data set): core-hours per stage at the measured pages per triplet and stage seconds per page, counting a
 stage's worker-second as one core-second (the stages' tasks are single-threaded Python; the model actors'
 torch threads are what Ray gives an actor), and the core-hours the run's reserved CPUs took for its wall
-time. Prints one JSON object.
+time. Then (unless `--no-alone`) each stage runs alone, in the same Ray, on its input precomputed and
+materialised by the stages before it (read, fetch, clean, score, instruct, as `jobs.stages.mining` builds
+them), and `whole_job_vs_slowest_stage` = the slowest stage's seconds alone / the whole job's seconds: the
+whole job's throughput as a share of its slowest stage's. Goal: >= 0.8. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import ray
 
-from jobs.mine import MineConfig, run
+from jobs.mine import MineConfig, list_page_files, run
+from jobs.stages.mining import SeenImages, mining_steps, read_page_files
 from magiclens_core.synthetic import SyntheticWorld
 
 OFFICIAL_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny" / "params_tiny.pkl"
@@ -49,6 +53,19 @@ def projection(summary: dict, target_triplets: int, cpus: int) -> dict:
     }
 
 
+def stages_alone(config: MineConfig) -> dict[str, float]:
+    """Seconds of each stage run alone on its materialised input (a fresh run: nothing seen yet)."""
+    files, roots, _ = list_page_files(config.pages)
+    started = time.perf_counter()
+    data = read_page_files(files, set(), config.cpus_per_task).materialize()
+    seconds = {"read": time.perf_counter() - started}
+    for stage, step in mining_steps(config, roots, SeenImages.remote(set())):
+        started = time.perf_counter()
+        data = step(data).materialize()
+        seconds[stage] = time.perf_counter() - started
+    return {stage: round(value, 2) for stage, value in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=2000)
@@ -56,6 +73,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--model", default=str(OFFICIAL_TINY))
     parser.add_argument("--target-triplets", type=int, default=PAPER_TRIPLETS)
+    parser.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each stage alone")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mine_pipeline_"))
@@ -68,7 +87,10 @@ def main() -> None:
                         instructions=args.instructions, min_side=32, image_low=0.0, image_high=0.999,
                         text_low=0.3)
     try:
+        started = time.perf_counter()
         summary = run(config)
+        whole_seconds = time.perf_counter() - started
+        alone = stages_alone(config) if args.alone else {}
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
@@ -87,6 +109,9 @@ def main() -> None:
         "seconds_per_stage": seconds,
         "stage_share": {stage: round(value / total, 3) for stage, value in seconds.items()},
         "pages_per_triplet": round(pages / triplets, 3) if triplets else None,
+        "whole_job_s": round(whole_seconds, 2), "stage_alone_s": alone,
+        "slowest_stage_alone": max(alone, key=alone.get) if alone else None,
+        "whole_job_vs_slowest_stage": round(max(alone.values()) / whole_seconds, 3) if alone else None,
         "projection": projection(summary, args.target_triplets, args.cpus),
     }))
 

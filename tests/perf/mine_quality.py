@@ -1,0 +1,101 @@
+"""Quality of mined triplets: the tiny model trained with the same step budget on (a) triplets mined from
+synthetic-world pages and (b) the world's own ground-truth triplets, held-out Recall@1 of both.
+
+    python tests/perf/mine_quality.py [--pages 600] [--steps 300] [--instructions template|llm] [--cpus 4]
+
+(a) `SyntheticWorld(seed).write_web_pages` → `jobs.mine.run` (the tiny official-format checkpoint of the
+test fixtures scores image pairs, the packaged MiniLM text pairs, with the README's window flags); (b) as
+many triplets from `SyntheticWorld(seed).write_triplets`. Both train through `jobs.train.run` from the same
+random tiny model (same seed, steps, batch and learning rate) and validate on the same held-out benchmark
+(`write_benchmark`: queries whose (scene, change) pairs neither set holds, one right answer in the pool).
+Reported: each run's best and final R@1/R@5/R@10 (percent), chance, and `recall@1_ratio` = (a) / (b).
+Goal: ratio >= 0.8. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from jobs.mine import MineConfig
+from jobs.mine import run as mine
+from jobs.train import TrainConfig
+from jobs.train import run as train
+from magiclens_core.synthetic import SyntheticWorld
+
+OFFICIAL_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny" / "params_tiny.pkl"
+RECALLS = ("recall@1", "recall@5", "recall@10")
+
+
+def _config(triplets: str, name: str, folder: Path, bench: Path, args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        triplets=triplets, init="tiny", name=name, storage=str(folder / "runs"), workers=args.workers,
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 20),
+        weight_decay=0.05, temperature=0.07, learn_temperature=True, validation=str(bench),
+        checkpoint_every=args.validate_every, keep_checkpoints=args.steps // args.validate_every + 1,
+        seed=args.seed, log_every=args.validate_every)
+
+
+def _train(config: TrainConfig) -> dict:
+    started = time.perf_counter()
+    summary = train(config)
+    last = next(point for point in reversed(summary["history"]) if "val_recall@1" in point)
+    return {"train_seconds": round(time.perf_counter() - started, 1),
+            "best": {key: summary[f"best_val_{key}"] for key in RECALLS},
+            "final": {key: last[f"val_{key}"] for key in RECALLS}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=600)
+    parser.add_argument("--instructions", default="template", choices=["template", "llm"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--validate-every", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--pool", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (training needs "
+                                                            "--workers + 2)")
+    args = parser.parse_args()
+    if args.steps % args.validate_every:
+        parser.error("--steps must be a multiple of --validate-every")
+    with tempfile.TemporaryDirectory(prefix="mine_quality_") as name:
+        folder = Path(name)
+        world = SyntheticWorld(seed=args.seed)
+        bench = world.write_benchmark(folder / "bench", args.queries, pool_size=args.pool)
+        site = world.write_web_pages(folder / "site", args.pages)
+        ray.init(num_cpus=args.cpus, include_dashboard=False)
+        try:
+            started = time.perf_counter()
+            mined = mine(MineConfig(pages=[str(site)], out=str(folder / "mined"), model=str(OFFICIAL_TINY),
+                                    instructions=args.instructions, min_side=32, image_low=0.0, image_high=0.999,
+                                    text_low=0.3))
+            mine_seconds = time.perf_counter() - started
+            count = mined["triplets_written"]
+            if not count:
+                raise SystemExit(f"no triplets mined from {args.pages} pages: {json.dumps(mined['rejects'])}")
+            truth = world.write_triplets(folder / "truth.parquet", count)
+            results = {"mined": _train(_config(mined["triplets"], "mined", folder, bench, args)),
+                       "ground_truth": _train(_config(str(truth), "truth", folder, bench, args))}
+        finally:
+            ray.shutdown()
+    best_mined, best_truth = results["mined"]["best"]["recall@1"], results["ground_truth"]["best"]["recall@1"]
+    print(json.dumps({
+        "benchmark": "mine_quality", "instructions": args.instructions, "pages": args.pages, "triplets": count,
+        "mine_seconds": round(mine_seconds, 1), "steps": args.steps, "workers": args.workers,
+        "batch_size": args.batch_size, "queries": args.queries, "pool": args.pool,
+        "chance_recall@1": round(100 / args.pool, 3), **results,
+        "recall@1_ratio": round(best_mined / best_truth, 3) if best_truth else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()
