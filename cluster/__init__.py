@@ -1,0 +1,1 @@
+"""How the project runs on real clusters: launcher configs, KubeRay manifests and what renders them."""
