@@ -172,10 +172,9 @@ def init_ray(demand: Demand | None = None) -> None:
 
     if not ray.is_initialized():
         silence_fork_warnings()
-        if _wants_local_ray() or (Path.home() / ".ray" / "auth_token").is_file():
-            # what Ray chooses itself then (a new local Ray turns token authentication on, a connection uses
-            # the token there is), said explicitly so that Ray does not warn of its choice on every run
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray warns on every start that it turned token authentication on (for a new local Ray, or with a
+        # token file there): that is its default, nothing to act on; its other warnings stay
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if _wants_local_ray():
             cpus = max(os.cpu_count() or 1, math.ceil(demand.cpus)) if demand else None
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)

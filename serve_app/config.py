@@ -46,6 +46,9 @@ class AppConfig(BaseModel):
     api_key: str | None = Field(None, description="when set, every route but /healthz and / needs "
                                                   "`Authorization: Bearer <api_key>`")
     retry_s: float = Field(30.0, ge=0, description="how long a query is retried while an encoder replica is lost")
+    memory_index: Literal["faiss"] | None = Field(
+        None, description="faiss: each encoder replica searches an HNSW graph held in memory beside the table "
+                          "(kept in step with its versions; `pip install magiclens-ray[search]`)")
     search_timeout_s: float = Field(10.0, gt=0, description="longest a table search may take; a slower one "
                                                             "answers 503 `search_timeout`")
 

@@ -61,7 +61,7 @@ class QueryEncoder:
         self.threads = WorkerThreads(max(STUCK_AFTER_S, 2 * config.search_timeout_s))
         self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
                                       batch_size=config.max_batch_size, preprocess=config.preprocess)
-        self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
+        self.live = LiveTable(config.db, config.table, config.refresh_interval_s, config.memory_index)
         self.live.table.check_model(self.embedder.model_id)
         self.embed.set_max_batch_size(config.max_batch_size)
         self.embed.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

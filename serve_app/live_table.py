@@ -16,8 +16,8 @@ class LiveTable:
     """`ImageTable` moved to the latest committed version at most every `interval_s` (checked on use), with
     what depends on the version (search parameters, filterable columns) cached in between."""
 
-    def __init__(self, db: str, name: str, interval_s: float) -> None:
-        self.table = ImageTable.open(db, name)
+    def __init__(self, db: str, name: str, interval_s: float, memory_index: str | None = None) -> None:
+        self.table = ImageTable.open(db, name, memory_index=memory_index)
         self.interval_s = interval_s
         self._lock = asyncio.Lock()
         self._describe()

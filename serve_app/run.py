@@ -12,6 +12,7 @@ shut the applications (and a local Ray) down.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from magiclens_core.search.store import silence_fork_warnings
 
     silence_fork_warnings()
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # a new local Ray's own choice, without its warning
+    # Ray's notice that it turned token authentication on, its default, is not a warning to act on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level="WARNING")
     try:
         _deploy(config)

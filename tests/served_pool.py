@@ -29,7 +29,7 @@ SEARCH_ENCODER = {"max_ongoing_requests": 16, "health_check_period_s": 1, "healt
                                          "target_ongoing_requests": 2, "upscale_delay_s": 1,
                                          "downscale_delay_s": 4, "look_back_period_s": 2}}
 SEARCH_INGRESS = {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5}
-KEYED_ARGS = {"api_key": API_KEY, "max_k": 30}
+KEYED_ARGS = {"api_key": API_KEY, "max_k": 30, "memory_index": "faiss"}  # its searches go through the in-memory graph
 ONE_REPLICA = {"num_replicas": 1, "autoscaling_config": None}
 
 

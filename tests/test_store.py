@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from magiclens_core.search.index_policy import build_index, index_table, tune
-from magiclens_core.search.store import SEARCH_KEY, ImageTable, IndexKind, image_schema
+from magiclens_core.search.store import SEARCH_KEY, ImageTable, IndexKind, SearchParams, image_schema
 
 
 def unit(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -59,6 +59,22 @@ def test_each_add_is_one_version_and_readers_see_commits(tmp_path):
     assert table.version == version + 1
     reader.refresh()
     assert reader.count() == 12
+
+
+def test_a_handle_reads_one_version_until_a_write_or_refresh_moves_it(tmp_path):
+    vectors = unit(50, 8)
+    writer = make_table(tmp_path, vectors)
+    reader = ImageTable.open(str(tmp_path / "db"), "pool")
+    version = reader.version
+    writer.store_search_params("vector", SearchParams(indexed_rows=50, recall_at_10=1.0))
+    writer.add({"id": ["new"], "vector": vectors[:1] * -1})
+    assert writer.search_params().indexed_rows == 50 and writer.count() == 51
+    assert reader.search_params() == SearchParams() and reader.count() == 50 and reader.version == version
+    assert "new" not in reader.search(-vectors[0], 3).column("id").to_pylist()
+    reader.refresh()
+    assert reader.version == writer.version and reader.search_params().indexed_rows == 50
+    found = reader.search(-vectors[0], 3, select=["uri"])
+    assert found.column_names == ["uri", "_distance"] and found.column("uri").to_pylist()[0] is None
 
 
 def test_float16_vectors_metadata_and_plain_readers(tmp_path):

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -400,9 +401,10 @@ class ImageTable:
         columns = None if select is None else [name for name in select if name != "_distance"]
         query = np.asarray(vector, dtype=np.float32)
         if self._memory is not None and column == VECTOR and not exact:
-            found, positions, distances = self._memory.search(_unit_rows(query.reshape(1, -1)), k, where or None)
-            rows = found.take(positions, columns)
-            return rows.append_column("_distance", pa.array(distances, pa.float32()))
+            found = self._memory.search(_unit_rows(query.reshape(1, -1)), k, where or None)
+            rows = (pa.table({"id": pa.array(found.ids, pa.string())}) if columns == ["id"]  # ids: held by the graph
+                    else found.table.take(found.positions, columns))
+            return rows.append_column("_distance", pa.array(found.distances, pa.float32()))
         params = params or self.search_params(column)
         nearest: dict[str, Any] = {"column": column, "q": query, "k": k, "metric": DISTANCE}
         if exact or params.index_type is None:
@@ -412,7 +414,8 @@ class ImageTable:
                 ("nprobes", params.nprobes), ("refine_factor", params.refine_factor),
                 # HNSW must explore at least the candidates asked of it (k, times the refine factor)
                 ("ef", params.ef and max(params.ef, k * (params.refine_factor or 1)))) if value})
-        return read.dataset.to_table(nearest=nearest, columns=columns, filter=where or None, prefilter=True)
+        return read.dataset.to_table(nearest=nearest, columns=None if columns is None else [*columns, "_distance"],
+                                     filter=where or None, prefilter=True)
 
     def exact_neighbors(self, queries: np.ndarray, k: int = 10, column: str = VECTOR,
                         batch_rows: int = 65_536) -> np.ndarray:
@@ -575,3 +578,10 @@ def table_exists(uri: str, name: str) -> bool:
         folder = uri.removeprefix("file://")
         return os.path.isdir(os.path.join(folder, f"{name}.lance"))
     return name in _connect(uri).table_names()
+
+
+def silence_fork_warnings() -> None:
+    """Silence the warnings lance and lancedb give at every fork of a process that has them loaded: Ray
+    starts its processes with fork and exec (`subprocess`), which replaces the child at once."""
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)

@@ -1,29 +1,51 @@
-"""Search at scale: a LanceDB image table of N clustered unit vectors, exact search vs tuned ANN indexes.
+"""Search at scale: the image table's search side by side with raw LanceDB, pylance, in-memory HNSW graphs and
+exact search, on N clustered unit vectors, with and without a metadata filter that keeps ~10% of rows.
 
-    python tests/perf/search_at_scale.py [--rows 1000000] [--dim 512] [--kinds ivf_hnsw_sq ivf_pq]
+    OPENBLAS_NUM_THREADS=1 python tests/perf/search_at_scale.py [--rows 200000] [--dim 512] [--db /tmp/search_200k]
+        [--graphs faiss hnswlib usearch] [--lancedb-ef 128]
 
-Writes the table through `magiclens_core.search.store` (as the indexing job does), then for each index kind:
-build time, the tuning `index_policy.tune` stores (recall@10 measured on sample rows of the table), and, with
-those stored parameters, recall@10 and p50/p99 latency on held-out queries drawn from the same distribution
-(ground truth by an exact streaming scan). Exact LanceDB search latency is measured on a few queries for
-comparison. Vectors: 1000 cluster centres plus noise with a decaying spectrum (as embeddings have), L2
-normalised. Prints one JSON object. Goal: recall@10 >= 0.95 at p50 <= 20 ms for 1M x 512 on 2 cores.
+(one BLAS thread: numpy's exact search otherwise leaves threads spinning that slow the next path timed).
+
+Writes the table through `magiclens_core.search.store` (as the indexing job does: a `shard` column, row % 10,
+is carried as metadata), builds and tunes its IVF_HNSW_SQ index with `index_policy` (kept when `--db` already
+holds a table of N rows with tuned parameters), then times single queries of held-out vectors from the same
+distribution, one query through every path before the next (interleaved), without and with `shard = 3`:
+
+- `ours`: `ImageTable.search` with the stored parameters; `ours_memory`: the same table opened with
+  `memory_index="faiss"` (build seconds: building its graph from the table);
+- `lancedb`: a raw `lancedb` query with the stored parameters; `pylance`: `dataset.to_table(nearest=...)`;
+- `faiss_hnsw` (`IndexHNSWFlat`, M 32, efSearch the smallest reaching the target recall on these queries, one
+  thread; the filter as an `IDSelectorBitmap`), and `hnswlib` / `usearch` when installed and asked for;
+- `exact`: numpy brute force over the vectors held in memory (the ground truth).
+
+Prints one JSON object: per path recall@10, p50/p99 ms and build seconds, and the ratios of `ours_memory` to
+`faiss_hnsw`. Goal: p50 <= 2x and p99 <= 3x faiss at recall >= 0.95; filtered, recall >= 0.95 and p50 <= 3x.
+Vectors: 1000 cluster centres plus noise with a decaying spectrum (as embeddings have), L2 normalised.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
+import lance
+import lancedb
 import numpy as np
+import pyarrow as pa
 
+from magiclens_core.search.filters import column_kinds, parse_filter
 from magiclens_core.search.index_policy import build_index, tune
-from magiclens_core.search.store import ImageTable, IndexKind, image_schema
+from magiclens_core.search.store import DISTANCE, VECTOR, ImageTable, IndexKind, SearchParams, image_schema
 
 CHUNK = 100_000
+FILTER = "shard = 3"
+SHARDS = 10
+EF_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+Query = Callable[[np.ndarray, np.ndarray | None], list[str]]  # (vector, filter mask or None) -> ids, best first
 
 
 class ClusteredVectors:
@@ -45,76 +67,222 @@ class ClusteredVectors:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def _latencies(table: ImageTable, queries: np.ndarray, **search) -> tuple[list[float], list[np.ndarray]]:
-    seconds, found = [], []
-    for vector in queries:
+def prepare(db: str, rows: int, dim: int, target_recall: float) -> tuple[ImageTable, dict]:
+    """The table of `rows` rows with a tuned IVF_HNSW_SQ index, written and built unless `db` holds it."""
+    data = ClusteredVectors(dim)
+    table = ImageTable.create(db, "pool", image_schema(dim, metadata=pa.schema([pa.field("shard", pa.int32())])))
+    timings: dict = {}
+    start = time.perf_counter()
+    for stream, first in enumerate(range(table.count(), rows, CHUNK)):
+        count = min(CHUNK, rows - first)
+        table.add({"id": [f"r{i}" for i in range(first, first + count)], "vector": data.chunk(count, stream),
+                   "shard": pa.array(np.arange(first, first + count) % SHARDS, pa.int32())})
+        timings["write_s"] = round(time.perf_counter() - start, 1)
+    if table.count() != rows:
+        raise SystemExit(f"{db} holds {table.count()} rows, not {rows}: use another --db")
+    stored = table.search_params()
+    if stored.index_type is None or stored.indexed_rows != rows:
+        table.update_index()  # compact the appends, as the job does before indexing
         start = time.perf_counter()
-        result = table.search(vector, 10, select=["id"], **search)
-        seconds.append(time.perf_counter() - start)
-        found.append(np.asarray(result.column("id").to_pylist()))
-    return seconds, found
+        build = build_index(table, IndexKind.IVF_HNSW_SQ)
+        timings["lancedb_build_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        tune(table, target_recall, build=build)
+        timings["lancedb_tune_s"] = round(time.perf_counter() - start, 1)
+    return ImageTable.open(db, "pool"), timings
 
 
-def _recall(found: list[np.ndarray], truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+def exact_top(matrix: np.ndarray, vector: np.ndarray, mask: np.ndarray | None, k: int = 10) -> np.ndarray:
+    """Row numbers of the k rows of `matrix` (unit rows) nearest to `vector`, among those `mask` keeps."""
+    if mask is not None:
+        rows = np.flatnonzero(mask)
+        return rows[exact_top(matrix[rows], vector, None, k)]
+    scores = matrix @ vector
+    top = np.argpartition(-scores, k)[:k]
+    return top[np.argsort(-scores[top])]
 
 
-def _ms(seconds: list[float], quantile: float) -> float:
-    return round(1000 * float(np.quantile(seconds, quantile)), 2)
+def lancedb_paths(table: ImageTable, params: SearchParams, where: str) -> dict[str, Query]:
+    """Raw LanceDB and pylance queries with the stored parameters (the filter applied before the search)."""
+    raw = lancedb.connect(str(table.uri).rsplit("/", 1)[0]).open_table("pool")
+    dataset = lance.dataset(table.uri)
+
+    def lancedb_query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
+        query = raw.search(vector, vector_column_name=VECTOR).distance_type(DISTANCE).limit(10)
+        query = query.nprobes(params.nprobes).ef(params.ef)
+        if params.refine_factor:
+            query = query.refine_factor(params.refine_factor)
+        if mask is not None:
+            query = query.where(where, prefilter=True)
+        return query.select(["id", "_distance"]).to_arrow().column("id").to_pylist()
+
+    def pylance_query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
+        nearest = {"column": VECTOR, "q": vector, "k": 10, "metric": DISTANCE, "nprobes": params.nprobes,
+                   "ef": params.ef, "refine_factor": params.refine_factor}
+        found = dataset.to_table(nearest=nearest, columns=["id", "_distance"],
+                                 filter=where if mask is not None else None, prefilter=True)
+        return found.column("id").to_pylist()
+
+    return {"lancedb": lancedb_query, "pylance": pylance_query}
+
+
+def graph(library: str, matrix: np.ndarray, ids: np.ndarray) -> tuple[Callable[[int], Query], float]:
+    """An in-memory HNSW graph (M 32) of `library` over `matrix`: a query maker by ef, and its build seconds."""
+    start = time.perf_counter()
+    if library == "faiss":
+        import faiss
+
+        index = faiss.IndexHNSWFlat(matrix.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.add(matrix)
+        faiss.omp_set_num_threads(1)
+
+        def faiss_maker(ef: int) -> Query:
+            plain = faiss.SearchParametersHNSW(efSearch=ef)
+
+            def query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
+                params = plain
+                if mask is not None:
+                    selector = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+                    params = faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+                return list(ids[index.search(vector[None], 10, params=params)[1][0]])
+            return query
+        return faiss_maker, time.perf_counter() - start
+    if library == "hnswlib":
+        import hnswlib
+
+        index = hnswlib.Index(space="ip", dim=matrix.shape[1])
+        index.init_index(max_elements=len(matrix), M=32, ef_construction=100)
+        index.add_items(matrix)
+        index.set_num_threads(1)
+
+        def hnswlib_maker(ef: int) -> Query:
+            def query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
+                index.set_ef(ef)
+                keep = None if mask is None else (lambda label: bool(mask[label]))
+                return list(ids[index.knn_query(vector, 10, filter=keep)[0][0]])
+            return query
+        return hnswlib_maker, time.perf_counter() - start
+    from usearch.index import Index
+
+    index = Index(ndim=matrix.shape[1], metric="ip", connectivity=32)
+    index.add(np.arange(len(matrix)), matrix)
+
+    def usearch_maker(ef: int) -> Query:
+        def query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
+            if mask is not None:
+                raise NotImplementedError
+            index.expansion_search = ef
+            return list(ids[index.search(vector, 10, threads=1).keys])
+        return query
+    return usearch_maker, time.perf_counter() - start
+
+
+def recall(found: list[list[str]], truth: list[np.ndarray]) -> float:
+    return round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])), 4)
+
+
+def tuned_ef(maker: Callable[[int], Query], queries: np.ndarray, truth: list[np.ndarray], mask: np.ndarray | None,
+             target: float) -> int:
+    """The smallest ef in `EF_STEPS` whose recall@10 on `queries` reaches `target` (the largest when none does)."""
+    for ef in EF_STEPS:
+        if recall([maker(ef)(vector, mask) for vector in queries], truth) >= target:
+            return ef
+    return EF_STEPS[-1]
+
+
+def interleaved(paths: dict[str, Query], queries: np.ndarray, mask: np.ndarray | None) -> dict[str, tuple]:
+    """Each path's ids and latencies, every path run on one query before the next query."""
+    found: dict[str, list] = {name: [] for name in paths}
+    seconds: dict[str, list] = {name: [] for name in paths}
+    for vector in queries:
+        for name, query in paths.items():
+            start = time.perf_counter()
+            result = query(vector, mask)
+            seconds[name].append(time.perf_counter() - start)
+            found[name].append(result)
+    return {name: (found[name], seconds[name]) for name in paths}
+
+
+def ms(seconds: list[float], quantile: float) -> float:
+    return round(1000 * float(np.quantile(seconds, quantile)), 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--kinds", nargs="+", default=["ivf_hnsw_sq", "ivf_pq"],
-                        choices=[IndexKind.IVF_HNSW_SQ.value, IndexKind.IVF_PQ.value])
-    parser.add_argument("--queries", type=int, default=200, help="held-out queries for the final figures")
-    parser.add_argument("--exact-queries", type=int, default=5, help="queries timed with exact LanceDB search")
+    parser.add_argument("--queries", type=int, default=200, help="held-out single queries")
     parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--db", default=None, help="LanceDB folder (default: a temporary one)")
+    parser.add_argument("--graphs", nargs="+", default=["faiss"], choices=["faiss", "hnswlib", "usearch"],
+                        help="in-memory graph libraries to compare (faiss first: the baseline)")
+    parser.add_argument("--lancedb-ef", type=int, default=None,
+                        help="ef of the LanceDB paths (default: the stored tuned one, which is tuned on table rows)")
+    parser.add_argument("--no-memory-index", action="store_true", help="leave out the `ours_memory` row")
+    parser.add_argument("--db", default=None, help="LanceDB folder, reused when it holds the table (default: temp)")
     args = parser.parse_args()
 
-    db = args.db or tempfile.mkdtemp(prefix="search_at_scale_")
-    data = ClusteredVectors(args.dim)
-    table = ImageTable.create(db, "pool", image_schema(args.dim))
-    start = time.perf_counter()
-    for stream, first in enumerate(range(table.count(), args.rows, CHUNK)):
-        count = min(CHUNK, args.rows - first)
-        table.add({"id": [f"r{i}" for i in range(first, first + count)], "vector": data.chunk(count, stream)})
-    write_seconds = time.perf_counter() - start
-    table.update_index()  # compact the appends, as the job does before indexing
+    table, timings = prepare(args.db or tempfile.mkdtemp(prefix="search_at_scale_"), args.rows, args.dim,
+                             args.target_recall)
+    params = table.search_params()
+    if args.lancedb_ef:
+        params = SearchParams(**{**params.__dict__, "ef": args.lancedb_ef})
+    snapshot = lance.dataset(table.uri).to_table(columns=["id", VECTOR, "shard"])
+    ids = snapshot.column("id").to_numpy(zero_copy_only=False)
+    matrix = np.stack(snapshot.column(VECTOR).to_numpy(zero_copy_only=False)).astype(np.float32)
+    masks = {"none": None, FILTER: (snapshot.column("shard").to_numpy() == 3)}
+    queries = ClusteredVectors(args.dim).chunk(args.queries, stream=10**6)
+    tree = parse_filter(FILTER, column_kinds(table.schema))
 
-    queries = data.chunk(args.queries, stream=10**6)
-    start = time.perf_counter()
-    truth = table.exact_neighbors(queries, 10)
-    truth_seconds = time.perf_counter() - start
-    exact_seconds, exact_found = _latencies(table, queries[: args.exact_queries], exact=True)
+    paths: dict[str, Query] = {
+        "ours": lambda vector, mask: table.search(vector, 10, tree if mask is not None else None, select=["id"],
+                                                  params=params).column("id").to_pylist(),
+        **lancedb_paths(table, params, FILTER),
+    }
+    lancedb_build = timings.get("lancedb_build_s")  # None: the index in --db was built by an earlier run
+    build_s: dict[str, float | None] = {"ours": lancedb_build, "lancedb": lancedb_build, "pylance": lancedb_build,
+                                        "exact": 0.0}
+    if not args.no_memory_index:
+        start = time.perf_counter()
+        memory = ImageTable.open(args.db or table.uri.rsplit("/", 1)[0], "pool", memory_index="faiss")
+        build_s["ours_memory"] = round(time.perf_counter() - start, 1)
+        graph_index = memory.memory_index
+        timings["memory_index"] = {"ef": graph_index.ef, "recall_at_10_on_table_sample": graph_index.recall_at_k}
+        paths["ours_memory"] = lambda vector, mask: memory.search(
+            vector, 10, tree if mask is not None else None, select=["id"]).column("id").to_pylist()
+    makers = {}
+    for library in args.graphs:
+        makers[library], seconds = graph(library, matrix, ids)
+        build_s[f"{library}_hnsw"] = round(seconds, 1)
 
-    results = []
-    for kind in args.kinds:
-        start = time.perf_counter()
-        build = build_index(table, IndexKind(kind))
-        build_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        tuned = tune(table, args.target_recall, build=build)
-        tune_seconds = time.perf_counter() - start
-        seconds, found = _latencies(table, queries)
-        results.append({
-            "kind": kind, "build": build, "build_s": round(build_seconds, 1), "tune_s": round(tune_seconds, 1),
-            "tuned": {"nprobes": tuned.nprobes, "refine_factor": tuned.refine_factor, "ef": tuned.ef,
-                      "recall_at_10_on_table_sample": tuned.recall_at_10},
-            "recall_at_10": round(_recall(found, truth), 4),
-            "p50_ms": _ms(seconds, 0.5), "p99_ms": _ms(seconds, 0.99),
-            "goal_met": _recall(found, truth) >= args.target_recall and _ms(seconds, 0.5) <= 20,
-        })
-    print(json.dumps({
-        "benchmark": "search_at_scale", "rows": table.count(), "dim": args.dim, "queries": args.queries,
-        "write_s": round(write_seconds, 1), "exact_numpy_scan_s_all_queries": round(truth_seconds, 2),
-        "exact_lancedb_p50_ms": round(1000 * statistics.median(exact_seconds), 1),
-        "exact_lancedb_recall_at_10": round(_recall(exact_found, truth[: args.exact_queries]), 4),
-        "target_recall": args.target_recall, "indexes": results,
-    }))
+    report: dict = {"benchmark": "search_at_scale", "rows": args.rows, "dim": args.dim, "queries": args.queries,
+                    **timings, "lancedb_params": {"nprobes": params.nprobes, "ef": params.ef,
+                                                  "refine_factor": params.refine_factor}, "runs": {}}
+    for label, mask in masks.items():
+        truth = [ids[exact_top(matrix, vector, mask)] for vector in queries]
+        run = dict(paths)
+        efs = {}
+        for library, maker in makers.items():
+            if library == "usearch" and mask is not None:
+                continue
+            efs[library] = tuned_ef(maker, queries, truth, mask, args.target_recall)
+            run[f"{library}_hnsw"] = maker(efs[library])
+        run["exact"] = lambda vector, mask: list(ids[exact_top(matrix, vector, mask)])
+        rows = {}
+        for name, (found, seconds) in interleaved(run, queries, mask).items():
+            rows[name] = {"recall_at_10": recall(found, truth), "p50_ms": ms(seconds, 0.5),
+                          "p99_ms": ms(seconds, 0.99), "build_s": build_s.get(name)}
+        for library, ef in efs.items():
+            rows[f"{library}_hnsw"]["ef"] = ef
+        if "ours_memory" in rows and "faiss_hnsw" in rows:
+            rows["ratios_ours_memory_to_faiss"] = {
+                "p50": round(rows["ours_memory"]["p50_ms"] / rows["faiss_hnsw"]["p50_ms"], 2),
+                "p99": round(rows["ours_memory"]["p99_ms"] / rows["faiss_hnsw"]["p99_ms"], 2)}
+        report["runs"][label] = rows
+    filtered, plain = report["runs"][FILTER], report["runs"]["none"]
+    if "ours_memory" in filtered and "faiss_hnsw" in plain:
+        filtered["ratios_ours_memory_to_faiss"]["p50_to_unfiltered_faiss"] = round(
+            filtered["ours_memory"]["p50_ms"] / plain["faiss_hnsw"]["p50_ms"], 2)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
