@@ -1,6 +1,6 @@
 """The whole system end to end on a local Ray, offline, with no pretrained weights; then the server.
 
-    python -m jobs.demo [--work demo] [--pages 800] [--steps 200] [--port 8000] [--serve true]
+    python -m jobs.demo [--work demo] [--pages 800] [--steps 500] [--port 8000] [--serve true]
 
 The synthetic world (`magiclens_core.synthetic`) writes a small web site (pages of related images with
 alt text and captions), a held-out benchmark and an image pool. Then, each job as its own command would
@@ -47,7 +47,7 @@ TRAIN_SETTINGS = ["--init", "tiny", "--workers", "2", "--batch-size", "32", "--l
 class DemoConfig:
     work: str = field(default="demo", metadata={"help": "folder for everything the demo writes"})
     pages: int = field(default=800, metadata={"help": "synthetic web pages to mine"})
-    steps: int = field(default=200, metadata={"help": "training steps"})
+    steps: int = field(default=500, metadata={"help": "training steps"})
     port: int = field(default=8000, metadata={"help": "HTTP port of the server (on 127.0.0.1)"})
     serve: bool = field(default=True, metadata={"help": "serve the table at the end, until Ctrl-C"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic world"})
