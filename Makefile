@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-cluster lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+test-cluster: install
+	$(PY) -m pytest -m cluster
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -32,6 +32,8 @@ CLIENT_PORT=${MAGICLENS_CLIENT_PORT:-10001}
 HEAD_DIR=${MAGICLENS_HEAD_DIR:-/tmp/magiclens-head-$PORT}
 GRACE_S=${MAGICLENS_STOP_GRACE_S:-9}
 START_TIMEOUT_S=${MAGICLENS_START_TIMEOUT_S:-60}
+# Ray's own wait for its dashboard (60 s unless RAY_DASHBOARD_STARTUP_TIMEOUT_S says otherwise)
+DASHBOARD_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-$START_TIMEOUT_S}
 TOKEN_FILE=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
 PGID_FILE=$HEAD_DIR/head.pgid
 MODE_FILE=$HEAD_DIR/auth_mode
@@ -134,9 +136,8 @@ start() {
     local cpus=()
     [[ -n ${MAGICLENS_HEAD_CPUS:-} ]] && cpus=(--num-cpus "$MAGICLENS_HEAD_CPUS")
     # PATH first names the `ray` program's folder, so `python` in a job's entrypoint is the project's Python.
-    # Ray gives its dashboard 60 s to start unless RAY_DASHBOARD_STARTUP_TIMEOUT_S says otherwise.
     if ! setsid --wait env -u RAY_ADDRESS PATH="$(dirname "$RAY_BIN"):$PATH" RAY_AUTH_MODE="$mode" \
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_DASHBOARD_STARTUP_TIMEOUT_S="$START_TIMEOUT_S" \
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_DASHBOARD_STARTUP_TIMEOUT_S="$DASHBOARD_TIMEOUT_S" \
             "$RAY_BIN" start --head --node-ip-address 127.0.0.1 --port "$PORT" \
             --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --include-dashboard true \
             --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$agent_port" \
