@@ -122,6 +122,17 @@ class InputError(Exception):
     """A bad input (a missing file, model or table), told as one line on stderr before Ray starts."""
 
 
+class JobExit(SystemExit):
+    """Exit status 2 after a bad input, its one-line message already printed (and kept as the exception's text)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def require_paths(config: Any, *names: str) -> None:
     """`InputError` naming the flag when a local path (or glob) in one of the config fields `names` does not
     exist; URIs (`s3://...`) are left to the job, which opens them with the filesystem they name."""
@@ -255,7 +266,8 @@ def run_job(config_type: type[ConfigT], run: Callable[[ConfigT], dict[str, Any]]
             init_ray(demand(config) if demand else None)
         summary = run(config)
     except InputError as err:
-        print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        message = f"{prog.split()[-1]}: error: {err}"
+        print(message, file=sys.stderr, flush=True)
+        raise JobExit(message) from None
     print_summary(summary)
     return summary

@@ -279,7 +279,7 @@ def test_bad_flags_are_usage_errors(tmp_path, model_dir):
     with pytest.raises(SystemExit, match="circo's metrics and submission files need the top 50: use --k 50"):
         run("--benchmark", "circo", "--data", FIXTURES / "circo", "--model", model_dir, "--out", tmp_path,
             "--k", 10)
-    with pytest.raises(SystemExit, match="predictions file not found"):
+    with pytest.raises(SystemExit, match="--predictions .*absent.json: no such file"):
         run("--benchmark", "circo", "--data", FIXTURES / "circo", "--predictions", tmp_path / "absent.json")
 
 
