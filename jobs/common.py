@@ -188,11 +188,19 @@ def init_ray(demand: Demand | None = None) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if _wants_local_ray():
             cpus = max(os.cpu_count() or 1, math.ceil(demand.cpus)) if demand else None
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env={"worker_process_setup_hook": "jobs.common.quiet_dashboardless_workers"})
         else:
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=logging.WARNING)
     if demand is not None:
         check_demand(demand)
+
+
+def quiet_dashboardless_workers() -> None:
+    """Worker setup of a local Ray, which runs without the dashboard: Ray Train's placement-group cleaner asks
+    the dashboard's state API every second whether the run's controller lives, and warns each time it cannot
+    (hundreds of lines a run). Its cleanup does not depend on it; every other logger is left as it is."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def cluster_capacity() -> dict[str, float]:

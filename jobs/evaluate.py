@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+import magiclens_core  # its describe_model is imported on first use: worker processes here need no model
 from jobs.common import InputError, require_model, require_paths, run_job
 from jobs.stages.embed import (
     EMBEDDING,
@@ -45,7 +46,6 @@ from magiclens_core.evaluation.benchmarks import NAMES, Benchmark, BenchmarkData
 from magiclens_core.evaluation.evaluator import EvaluationError, ranking_depth, refused_error, score_embeddings
 from magiclens_core.evaluation.metrics import PredictionError
 from magiclens_core.evaluation.report import write_report
-from magiclens_core.factory import describe_model
 from magiclens_core.images.sources import UriPolicy
 
 BenchmarkName = Literal[NAMES]  # the registry's names, so the flag's choices follow it
@@ -147,7 +147,7 @@ def run_model(config: EvaluateConfig, benchmark: Benchmark) -> dict:
     check_images_exist(benchmark, [*pool_ids, *(query.reference for query in queries)], out)
     if config.gpu_decode and any(ref.box for ref in benchmark.images.values()):
         raise EvaluationError("--gpu-decode cannot crop instance boxes (GeneCIS attribute tasks)")
-    info = describe_model(config.model)
+    info = magiclens_core.describe_model(config.model)
     seconds: dict[str, float] = {}
     refused: dict[str, str] = {}
     with stage(seconds, "embed"):

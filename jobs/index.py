@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+import magiclens_core  # its describe_model is imported on first use: worker processes here need no model
 from jobs.common import require_model, require_paths, run_job
 from jobs.stages.embed import (
     CLIP_EMBEDDING,
@@ -41,7 +42,6 @@ from jobs.stages.embed import (
     user_columns,
 )
 from jobs.stages.sources import IMAGE_EXTENSIONS, SourceFormat, source_dataset
-from magiclens_core.factory import describe_model
 from magiclens_core.images.sources import UriPolicy
 from magiclens_core.search.index_policy import index_table
 from magiclens_core.search.store import CLIP_VECTOR, VECTOR, ImageTable, IndexKind, image_schema, metadata_fields
@@ -128,7 +128,7 @@ def _existing_table(config: IndexConfig, model_id: str) -> ImageTable | None:
 
 def run(config: IndexConfig) -> dict:
     started = time.perf_counter()
-    info = describe_model(config.model)
+    info = magiclens_core.describe_model(config.model)
     table = _existing_table(config, info.model_id)
     rejects = ImageTable.rejects_of(config.db, config.table)
     listing = source_dataset(config.images, config.source_format, tuple(config.extensions))

@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+import magiclens_core  # its describe_model is imported on first use: worker processes here need no model
 from jobs.common import Demand, hold_writer_lock, require_model, require_paths, require_table, run_job
 from jobs.stages.embed import (
     DETAIL,
@@ -52,8 +53,8 @@ from jobs.stages.embed import (
     embedding_demand,
     read_images,
 )
+from jobs.stages.pools import actor_pool
 from jobs.stages.sources import source_dataset
-from magiclens_core.factory import describe_model
 from magiclens_core.images.sources import UriPolicy
 from magiclens_core.search.filters import Filter, column_kinds, parse_filter
 from magiclens_core.search.store import ImageTable
@@ -179,7 +180,7 @@ def _retrieve(config: RetrieveConfig, output: Output) -> dict:
     started = time.perf_counter()
     table = ImageTable.open(config.db, config.table)
     where = parse_filter(config.filter, column_kinds(table.schema)) if config.filter else None
-    info = describe_model(config.model)
+    info = magiclens_core.describe_model(config.model)
     table.check_model(info.model_id)
     done = output.done_ids()
     listing = source_dataset(config.queries, config.source_format)
@@ -198,7 +199,7 @@ def _retrieve(config: RetrieveConfig, output: Output) -> dict:
         SearchWorker, fn_constructor_kwargs={"db": config.db, "table": config.table, "k": config.k, "where": where,
                                              "id_column": config.id_column},
         batch_format="pyarrow", batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.search_workers), num_cpus=config.cpus_per_search_worker)
+        compute=actor_pool(config.search_workers), num_cpus=config.cpus_per_search_worker)
     counts = {"queries_searched": 0, "already_done": 0, "rejected": 0}
     rejects: list[pa.Table] = []
     last_report = time.perf_counter()

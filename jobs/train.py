@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import Demand, require_paths, run_job
-from jobs.stages.triplets import read_triplets, training_dataset
-from jobs.train_loop import MODEL_DIR, best_checkpoint, build_trainer, export_model, storage_path, summarize
+from jobs.stages.triplets import decoded_row_bytes, read_triplets, training_dataset
+from jobs.train_loop import (
+    MODEL_DIR,
+    best_checkpoint,
+    build_trainer,
+    export_model,
+    storage_path,
+    stored_result,
+    summarize,
+)
 from magiclens_core.factory import initial_model
 from magiclens_core.learning.learner import TrainParts, check_training_precision
 from magiclens_core.model.config import NAMED_CONFIGS
@@ -66,6 +74,9 @@ class TrainConfig:
     gather_with_grad: bool = field(default=True, metadata={"help": "all-gather negatives with gradient"})
     crop_min: float = field(default=1.0, metadata={"help": "random square crop of this..1 of the side; 1 = none"})
     shuffle_buffer: int = field(default=1024, metadata={"help": "rows in each worker's local shuffle buffer"})
+    cache_decoded_mb: int = field(default=1024, metadata={
+        "help": "decoded triplets up to this size are decoded once and kept in Ray's object store for every "
+                "epoch (not with crop_min < 1); 0 decodes on every pass"})
     validation: str | None = field(default=None, metadata={"help": "retrieval-set folder or held-out triplets"})
     validate_every: int = field(default=0, metadata={"help": "steps between validations (0: every checkpoint)"})
     validation_batch_size: int = field(default=64, metadata={"help": "Embedder batch size for validation"})
@@ -88,6 +99,8 @@ class TrainConfig:
             raise ValueError("give steps, or epochs above 0")
         if not 0 < self.crop_min <= 1:
             raise ValueError("crop_min must be in (0, 1]")
+        if self.cache_decoded_mb < 0:
+            raise ValueError("cache_decoded_mb must be 0 or more")
         if self.validate_every % self.checkpoint_every:
             raise ValueError("validate_every must be a multiple of checkpoint_every (validation runs on checkpoints)")
         check_training_precision(self.precision)
@@ -122,10 +135,17 @@ def total_steps(config: TrainConfig, count_rows: Callable[[], int]) -> int:
     return max(1, math.floor(per_epoch * config.epochs))
 
 
+def fits_decoded_cache(config: TrainConfig, image_size: int) -> bool:
+    """Whether the decoded triplets fit `cache_decoded_mb` (and decoding is the same every epoch); counts at
+    most one row past what fits, so a large corpus is not read to find out."""
+    if config.crop_min < 1.0:
+        return False
+    fits = config.cache_decoded_mb * 2**20 // decoded_row_bytes(image_size)
+    return fits > 0 and read_triplets(config.triplets).limit(fits + 1).count() <= fits
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume, or recognise a finished run) and export; returns the summary."""
-    import ray
-    import ray.train
 
     storage = storage_path(config)
     remote = "://" in storage
@@ -142,9 +162,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model = initial_model(config.init, config.backbone, config.seed)
     fault = os.environ.get(FAULT_ENV)
     dataset = training_dataset(config.triplets, model.image_size, crop_min=config.crop_min)
+    if fits_decoded_cache(config, model.image_size):
+        dataset = dataset.materialize()  # later epochs reread the decoded rows, not the files
     finished = build_trainer(config, dataset, total, model, int(fault) if fault else None).fit()
-    # the run as stored, where the last checkpoint's validation (finished at shutdown) is recorded too
-    result = ray.train.Result.from_path(finished.path, storage_filesystem=finished.filesystem)
+    result = stored_result(finished)
     model_id = export_model(best_checkpoint(result)[0], exported)
     summary = summarize(result, config, exported, model_id, run_dir, total)
     if not remote:

@@ -197,6 +197,22 @@ def export_model(checkpoint, destination: Path) -> str:
     return load_model(destination).model_id  # it loads as it will in the index job and the server
 
 
+def stored_result(finished):
+    """The run as stored, where the last checkpoint's validation (finished at shutdown) is recorded too. Ray
+    Train's note that it found the run's snapshot (true, and expected here) is kept out of the output."""
+    import logging
+
+    import ray.train
+
+    manager_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = manager_log.level
+    manager_log.setLevel(logging.WARNING)
+    try:
+        return ray.train.Result.from_path(finished.path, storage_filesystem=finished.filesystem)
+    finally:
+        manager_log.setLevel(level)
+
+
 def _validated(result) -> list[tuple[Any, dict[str, Any]]]:
     return [(c, m) for c, m in result.best_checkpoints or [] if not math.isnan(m.get(SCORE, math.nan))]
 

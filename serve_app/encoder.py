@@ -12,7 +12,7 @@ import ray
 import torch
 from ray import serve
 
-from magiclens_core import Embedder, ImageDecodeError
+from magiclens_core import ImageDecodeError
 from magiclens_core.images.pixels import as_float_batch, model_pixels
 from magiclens_core.images.sources import image_bytes_or_path
 from magiclens_core.search.filters import Filter
@@ -59,6 +59,8 @@ class QueryEncoder:
         self.config = config
         self.policy = config.uri_policy()
         self.threads = WorkerThreads(max(STUCK_AFTER_S, 2 * config.search_timeout_s))
+        from magiclens_core.embedder import Embedder  # the model's imports only in encoder replicas
+
         self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
                                       batch_size=config.max_batch_size, preprocess=config.preprocess)
         self.live = LiveTable(config.db, config.table, config.refresh_interval_s, config.memory_index)

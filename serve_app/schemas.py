@@ -19,9 +19,9 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from magiclens_core.model.instruction_length import MAX_INSTRUCTION_CHARS, instruction_tokens
 from magiclens_core.search.filters import ColumnKind, Filter, FilterError, parse_filter
 from serve_app.config import AppConfig
-from serve_app.instruction_length import MAX_INSTRUCTION_CHARS, instruction_tokens
 
 FORM_FIELDS = ("image", "image_id", "instruction", "k", "filter")
 MAX_ID_CHARS = 512

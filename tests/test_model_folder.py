@@ -17,7 +17,8 @@ from magiclens_core.errors import CheckpointError
 from magiclens_core.factory import ModelInfo, describe_model, load_model
 from magiclens_core.model.config import MagicLensConfig
 from magiclens_core.model.magiclens import MagicLens
-from magiclens_core.weights.folder import CONFIG_FILE, WEIGHTS_FILE, file_sha256, read_config_json, save_model
+from magiclens_core.weights.digest import file_sha256
+from magiclens_core.weights.folder import CONFIG_FILE, WEIGHTS_FILE, read_config_json, save_model
 from magiclens_core.weights.official import load_official_checkpoint, read_official_arrays
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

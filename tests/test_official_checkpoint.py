@@ -17,7 +17,7 @@ from official_format import FIXTURE_DIR, FIXTURE_PKL, official_bytes, write_offi
 from magiclens_core.errors import CheckpointError
 from magiclens_core.model.config import NAMED_CONFIGS
 from magiclens_core.model.magiclens import MagicLens
-from magiclens_core.weights.folder import file_sha256
+from magiclens_core.weights.digest import file_sha256
 from magiclens_core.weights.official import (
     _official_shapes,
     infer_config,

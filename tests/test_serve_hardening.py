@@ -342,8 +342,8 @@ def test_a_worker_thread_stuck_on_one_call_fails_the_health_check_and_a_busy_one
 
 
 def test_instruction_token_bounds_never_exceed_the_count():
+    from magiclens_core.model.instruction_length import instruction_tokens
     from magiclens_core.model.tokenizer import Tokenizer
-    from serve_app.instruction_length import instruction_tokens
 
     tokenizer = Tokenizer()
     rng = random.Random(0)

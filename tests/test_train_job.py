@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs.common import parse_config
 from jobs.stages.triplets import decode_triplets, training_dataset
-from jobs.train import FAULT_ENV, TrainConfig, total_steps
+from jobs.train import FAULT_ENV, TrainConfig, fits_decoded_cache, total_steps
 from magiclens_core import NAMED_CONFIGS, Embedder, MagicLens, load_image, load_model, save_model
 from magiclens_core.evaluation.evaluator import retrieval_set_recall
 from magiclens_core.factory import initial_model
@@ -141,6 +141,17 @@ def test_bad_options_are_usage_errors(flags):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(TrainConfig, ["--triplets", "t.parquet", "--init", "tiny", "--name", "x", *flags])
     assert exit_info.value.code == 2
+
+
+def test_decoded_triplets_are_kept_only_when_they_fit_and_decode_alike_every_epoch(ray_cluster, tmp_path):
+    triplets = SyntheticWorld(seed=2).write_triplets(tmp_path / "t.parquet", 200)  # 200 rows of 24.6 KB at 64 px
+
+    def fits(**options) -> bool:
+        return fits_decoded_cache(TrainConfig(triplets=str(triplets), init="tiny", name="x", **options), 64)
+
+    assert fits(cache_decoded_mb=5)
+    assert not fits(cache_decoded_mb=4)  # 4 MiB hold 170 rows
+    assert not fits(cache_decoded_mb=0) and not fits(crop_min=0.5)  # off, or random crops differ each epoch
 
 
 def test_steps_from_epochs():

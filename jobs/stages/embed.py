@@ -36,8 +36,8 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from jobs.common import Demand
-from magiclens_core import Embedder, ImageDecodeError
-from magiclens_core.images.decode import DEFAULT_MAX_PIXELS
+from jobs.stages.pools import actor_pool
+from magiclens_core.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from magiclens_core.images.identity import content_id
 from magiclens_core.images.pixels import as_float_batch, decode_on_device, model_pixels
 from magiclens_core.images.sources import UriNotAllowed, UriPolicy
@@ -225,6 +225,8 @@ class EmbedWorker:
     its instruction) or as a target, as its `role` says."""
 
     def __init__(self, options: EmbedOptions, role: Role, instruction_column: str | None) -> None:
+        from magiclens_core.embedder import Embedder  # the model's imports only in the processes that embed
+
         device = "cuda" if options.gpus_per_worker > 0 else "cpu"
         self.options, self.role, self.instruction_column = options, role, instruction_column
         self.embedder = Embedder.load(options.model, device=device, precision=options.precision,
@@ -302,5 +304,5 @@ def embed_images(dataset: ray.data.Dataset, options: EmbedOptions, image_size: i
     return dataset.map_batches(
         EmbedWorker, fn_constructor_kwargs={"options": options, "role": role,
                                             "instruction_column": instruction_column},
-        batch_format="pyarrow", batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=options.workers),
+        batch_format="pyarrow", batch_size=options.batch_size, compute=actor_pool(options.workers),
         num_gpus=options.gpus_per_worker or None, num_cpus=options.cpus_per_worker, zero_copy_batch=True)

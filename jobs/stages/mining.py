@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+import magiclens_core  # its describe_model is imported on first use: worker processes here need no model
 from jobs.common import Demand
 from jobs.stages.embed import DECODE_MEMORY
-from magiclens_core.factory import describe_model
+from jobs.stages.pools import actor_pool
 from magiclens_core.images.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from magiclens_core.images.identity import content_id
 from magiclens_core.images.pixels import as_float_batch, to_pixels, to_uint8
@@ -469,10 +470,6 @@ class InstructionWriter:
 Step = Callable[[ray.data.Dataset], ray.data.Dataset]
 
 
-def _pool(size: int) -> ray.data.ActorPoolStrategy:
-    return ray.data.ActorPoolStrategy(size=size)
-
-
 def mining_demand(options: MiningOptions) -> Demand:
     """What the mining stages reserve at once: the fetch and model actor pools, and a read or clean task."""
     pools = [options.score_workers] + ([options.caption_workers] if options.captioner != NO_CAPTIONER else []) + \
@@ -491,25 +488,25 @@ def mining_steps(options: MiningOptions, local_roots: tuple[str, ...], seen: Any
                    "batch_format": "pyarrow", "batch_size": size}
     rules = CleanRules(min_side=options.min_side, max_aspect=options.max_aspect)
     captioned = options.captioner != NO_CAPTIONER
-    settings = CleanSettings(options.max_pixels, describe_model(options.model).image_size, captioned)
+    settings = CleanSettings(options.max_pixels, magiclens_core.describe_model(options.model).image_size, captioned)
     steps: list[tuple[str, Step]] = [
         ("fetch", lambda data: data.map_batches(
             FetchWorker, fn_constructor_kwargs={"options": options.fetch_options(local_roots)},
-            compute=_pool(options.fetch_workers), num_cpus=0.25, batch_format="pyarrow", batch_size=size)),
+            compute=actor_pool(options.fetch_workers), num_cpus=0.25, batch_format="pyarrow", batch_size=size)),
         # the declared memory keeps Ray Data from fusing decoding into the next stage's actors
         ("clean", lambda data: data.map_batches(
             clean_pages, fn_kwargs={"rules": rules, "settings": settings, "seen": seen}, batch_format="pyarrow",
             batch_size=size, num_cpus=options.cpus_per_task, memory=DECODE_MEMORY))]
     if captioned:
         steps.append(("annotate", lambda data: data.map_batches(
-            CaptionWriter, fn_constructor_kwargs={"options": options}, compute=_pool(options.caption_workers),
+            CaptionWriter, fn_constructor_kwargs={"options": options}, compute=actor_pool(options.caption_workers),
             **model_actor)))
     steps.append(("score", lambda data: data.map_batches(
-        PairScorer, fn_constructor_kwargs={"options": options}, compute=_pool(options.score_workers),
+        PairScorer, fn_constructor_kwargs={"options": options}, compute=actor_pool(options.score_workers),
         **model_actor)))
     if options.instructions == "llm":
         steps.append(("instruct", lambda data: data.map_batches(
-            InstructionWriter, fn_constructor_kwargs={"options": options}, compute=_pool(options.llm_workers),
+            InstructionWriter, fn_constructor_kwargs={"options": options}, compute=actor_pool(options.llm_workers),
             **model_actor)))
     else:
         steps.append(("instruct", lambda data: data.map_batches(

@@ -84,6 +84,11 @@ def decode_triplets(batch: dict[str, np.ndarray], image_size: int, context_lengt
     }
 
 
+def decoded_row_bytes(image_size: int, context_length: int = 77) -> int:
+    """Bytes of one decoded row: two uint8 images at the model's size and the int64 token ids."""
+    return 2 * image_size * image_size * 3 + 8 * context_length
+
+
 def training_dataset(source: str, image_size: int, context_length: int = 77, crop_min: float = 1.0):
     """Read (files in a new random order each epoch) → decode, augment and tokenize in CPU tasks, streamed;
     workers shuffle further with their local shuffle buffers."""

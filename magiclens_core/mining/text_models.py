@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magiclens_core.weights.folder import file_sha256
+from magiclens_core.weights.digest import file_sha256
 
 PACKAGED_MODELS = {
     # name → (package, folder inside it, weights file, sha256 of the weights file)

@@ -6,7 +6,6 @@ Jobs and the server load models through `magiclens_core.factory.load_model`, whi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,20 +20,12 @@ from safetensors.torch import load_file, save_file
 from magiclens_core.errors import CheckpointError
 from magiclens_core.model.config import MagicLensConfig
 from magiclens_core.model.magiclens import MagicLens
+from magiclens_core.weights.digest import file_sha256
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_NAME = "magiclens-torch"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write: Any) -> None:

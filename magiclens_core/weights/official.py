@@ -21,7 +21,7 @@ import torch
 from magiclens_core.errors import CheckpointError
 from magiclens_core.model.config import NAMED_CONFIGS, ClipConfig, HeadConfig, MagicLensConfig
 from magiclens_core.model.magiclens import MagicLens
-from magiclens_core.weights.folder import file_sha256
+from magiclens_core.weights.digest import file_sha256
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from open_clip.tokenizer import SimpleTokenizer
+from magiclens_core.model.tokenizer import simple_tokenizer
 
 MAX_INSTRUCTION_CHARS = 4096  # longer instructions are refused unread
 _WORD_END = "</w>"
@@ -20,7 +20,7 @@ class _Vocabulary:
     """The tokenizer and its vocabulary as sets of pieces: inside a word, and ending one."""
 
     def __init__(self) -> None:
-        self.bpe = SimpleTokenizer()
+        self.bpe = simple_tokenizer()
         self.inner = {piece for piece in self.bpe.encoder if not piece.endswith(_WORD_END)}
         self.final = {piece[: -len(_WORD_END)] for piece in self.bpe.encoder if piece.endswith(_WORD_END)}
         self.longest = max(len(piece) for piece in self.inner | self.final)
