@@ -108,15 +108,16 @@ def test_synthetic_pages_with_template_instructions_and_captions(synthetic_run):
 
 
 def test_jobs_train_learns_from_the_mined_triplets(synthetic_run, tmp_path):
-    bench = synthetic_run["world"].write_benchmark(tmp_path / "bench", 100, pool_size=100)
+    bench = synthetic_run["world"].write_benchmark(tmp_path / "bench", 300, pool_size=100)
     summary = train_main(["--triplets", str(synthetic_run["out"] / "triplets"), "--init", "tiny", "--name", "mined",
                           "--storage", str(tmp_path / "runs"), "--workers", "1", "--batch-size", "32",
-                          "--steps", "80", "--lr", "2e-3", "--warmup-steps", "4", "--temperature", "0.07",
+                          "--steps", "160", "--lr", "2e-3", "--warmup-steps", "8", "--temperature", "0.07",
                           "--checkpoint-every", "80", "--validation", str(bench)])
-    # a pool of 100 and 100 queries: chance is 5 ± 2 hits at R@5 and 10 ± 3 at R@10 (recall in percent); runs
-    # of 40 steps ended at 9-14 and 17-24
-    assert summary["steps"] == 80 and summary["best_val_recall@5"] >= 10.0, summary
-    assert summary["best_val_recall@10"] >= 19.0, summary
+    last = summary["history"][-1]
+    assert summary["steps"] == last["step"] == 160 and last["loss"] < summary["history"][0]["loss"], summary
+    # 300 queries over a pool of 100: chance is 10 ± 1.7 % at R@10 and 5 ± 1.3 % at R@5; runs of this
+    # length ended at R@10 16-23 and R@5 9-12
+    assert last["val_recall@10"] >= 14.0 and last["val_recall@5"] >= 7.0, last
 
 
 def test_a_missing_captioner_is_a_usage_error(tmp_path, capsys):

@@ -73,6 +73,13 @@ def test_round_trip_keeps_the_model_id(tmp_path):
     assert read_config_json(save_model(loaded, tmp_path / "again"))["model_id"] == saved_id
 
 
+def test_saved_files_are_readable_by_the_group_and_others(tmp_path):
+    folder = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "m")
+    for path in (folder / CONFIG_FILE, folder / WEIGHTS_FILE):
+        assert path.stat().st_mode & 0o044 == 0o044, oct(path.stat().st_mode)  # written through owner-only temps
+    assert not list(folder.glob(".*"))  # no temporary file left beside them
+
+
 def test_model_id_depends_on_the_weights_only(tmp_path):
     first = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "a", metadata={"run": 1})
     second = save_model(load_official_checkpoint(FIXTURE_PKL), tmp_path / "b", metadata={"run": 2})

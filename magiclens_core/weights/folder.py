@@ -26,14 +26,17 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_NAME = "magiclens-torch"
 FORMAT_VERSION = 1
+MODEL_FILE_MODE = 0o644
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
+    """Write through a temporary file in the same folder, then rename over `path`, readable by all as files
+    written plainly are (a temporary file is made owner-only; other nodes' users load these folders)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, MODEL_FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
