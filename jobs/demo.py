@@ -136,8 +136,9 @@ def run(config: DemoConfig) -> dict:
         "--triplets", mined["triplets"], "--name", "demo", "--storage", str(work / "runs"),
         "--steps", str(config.steps), "--checkpoint-every", str(max(config.steps // 2, 1)),
         "--validation", str(paths["bench"]), *TRAIN_SETTINGS],
-        lambda s: f"{s['steps']} steps on {s['triplets_seen']} triplets, best validation R@1 "
-                  f"{s['best_val_recall@1']:.0f}%" + (" (already trained)" if s.get("already_finished") else ""))
+        lambda s: f"{s['steps']} steps ({s['triplets_seen']} triplets seen), best validation R@1 "
+                  f"{s['best_val_recall@1']:.0f}% R@10 {s['best_val_recall@10']:.0f}%"
+                  + (" (already trained)" if s.get("already_finished") else ""))
     model = trained["model"]
     indexed = stage(work, "index", index, [
         "--images", str(paths["pool"]), "--model", model, "--db", str(work / "lancedb"), "--table", "images"],

@@ -55,6 +55,11 @@ def test_an_indexed_image_finds_itself_first(search_app):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert len(body["results"]) == 5 and body["took_ms"] > 0 and body["batch_size"] >= 1
+        timings = {name: float(duration.removeprefix("dur=")) for name, duration in
+                   (part.strip().split(";") for part in answer.headers["server-timing"].split(","))}
+        assert list(timings) == ["read", "encoder-call", "ingress", "decode", "embed", "search", "encoder"]
+        assert timings["ingress"] == body["took_ms"] >= timings["read"] + timings["encoder-call"] - 0.01
+        assert timings["encoder-call"] >= timings["encoder"] >= timings["decode"] + timings["embed"] - 0.01
         first = body["results"][0]
         assert first["id"] == image_id and first["uri"] == str(path)
         assert first["score"] == pytest.approx(1.0, abs=1e-4)

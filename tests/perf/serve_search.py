@@ -9,8 +9,11 @@ weights (or `--model`), and starts the application on the local Ray with one enc
   at a time, on the same images and instructions;
 - `http`: p50/p99 latency and queries/s of `POST /v1/search` (base64 image) at each client count;
 - `in_process_beside_ray`: the same, measured again once the cluster and application are up (idle);
-- `overhead_ms`: p50 of HTTP at one client minus p50 in-process beside Ray (goal: <= 15 ms), and
+- `overhead_ms`: p50 of HTTP at one client minus p50 in-process beside Ray (goal: <= 5 ms), and
   `overhead_vs_quiet_machine_ms` against the measurement before Ray started;
+- `breakdown_p50_ms` at each client count, from the server's `Server-Timing` header: proxy and network,
+  ingress (reading and checks, the rest), the handle hop to the encoder replica, and the encoder's decode,
+  embed (batch wait included) and search;
 - `batching`: queries/s at `--batching-clients` clients with `max_batch_size` 16 vs 1 (goal: >= 2x on CPU with
   `base`).
 Prints one JSON object.
@@ -85,6 +88,7 @@ def load(url: str, queries: list[tuple[bytes, str]], clients: int, per_client: i
               for data, text in queries]
     seconds: list[float] = []
     batches: list[int] = []
+    timings: list[dict[str, float]] = []
 
     def client(offset: int) -> None:
         with httpx.Client(timeout=600, headers={"content-type": "application/json"}) as http:
@@ -94,13 +98,35 @@ def load(url: str, queries: list[tuple[bytes, str]], clients: int, per_client: i
                 seconds.append(time.perf_counter() - start)
                 answer.raise_for_status()
                 batches.append(answer.json()["batch_size"])
+                timings.append({"client": 1000 * seconds[-1], **parse_server_timing(answer.headers["server-timing"])})
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - started
     return {**percentiles(seconds), "queries_per_s": round(len(seconds) / wall, 2),
-            "mean_batch_size": round(float(np.mean(batches)), 2)}
+            "mean_batch_size": round(float(np.mean(batches)), 2), "breakdown_p50_ms": breakdown(timings)}
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    return {name.strip(): float(duration.removeprefix("dur=")) for name, duration in
+            (part.split(";") for part in header.split(","))}
+
+
+def breakdown(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Medians of where each request's time went, from the server's own timings: the proxy and the network
+    (client minus ingress), the ingress itself (reading, checks and its own work), the hop to the encoder
+    replica and back (its call minus the encoder's time), and the encoder's decode, embed and search."""
+    parts = {
+        "proxy_and_network": lambda t: t["client"] - t["ingress"],
+        "ingress_read_and_checks": lambda t: t["read"],
+        "ingress_other": lambda t: t["ingress"] - t["read"] - t["encoder-call"],
+        "handle_hop": lambda t: t["encoder-call"] - t["encoder"],
+        "encoder_decode": lambda t: t["decode"], "encoder_embed": lambda t: t["embed"],
+        "encoder_search": lambda t: t["search"],
+        "encoder_other": lambda t: t["encoder"] - t["decode"] - t["embed"] - t["search"],
+    }
+    return {name: round(statistics.median(part(t) for t in timings), 2) for name, part in parts.items()}
 
 
 def deploy(config, replica_cpus: float, port: int) -> str:
