@@ -30,7 +30,8 @@ class AppConfig(BaseModel):
         "model", description="must match the preprocessing the table was indexed with")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per encoder replica (default: torch's)")
     max_batch_size: int = Field(16, ge=1, description="queries embedded together (1 turns batching off)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill (0: it takes "
+                                                               "what queued while the last batch ran)")
     refresh_interval_s: float = Field(10.0, ge=0, description="how often replicas look for a newer table version")
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)

@@ -114,7 +114,7 @@ class QueryEncoder:
         timeout, and it fails when a worker thread is stuck on one call (a table search that never ends)."""
         self.threads.check()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config at start
     async def embed(self, pixels: list[np.ndarray], instructions: list[str]) -> list[tuple[np.ndarray, int]]:
         """Query embeddings of a batch of (model pixels, instruction), each with the batch's size."""
         batch = as_float_batch(np.stack(pixels))
