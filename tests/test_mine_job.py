@@ -120,6 +120,19 @@ def test_jobs_train_learns_from_the_mined_triplets(synthetic_run, tmp_path):
     assert last["val_recall@10"] >= 14.0 and last["val_recall@5"] >= 7.0, last
 
 
+def test_small_page_files_share_read_tasks_and_crawl_files_get_their_own(tmp_path):
+    from jobs.stages.mining import SMALL_FILE_BYTES, SMALL_FILES_PER_TASK, read_blocks
+
+    small = []
+    for n in range(2 * SMALL_FILES_PER_TASK + 1):
+        small.append(str(tmp_path / f"page{n}.html"))
+        Path(small[-1]).write_text("<title>a page</title>")
+    crawl = tmp_path / "crawl.warc.gz"
+    crawl.write_bytes(b"\0" * SMALL_FILE_BYTES)
+    assert read_blocks(small) == 3 and read_blocks(small[:1]) == 1
+    assert read_blocks([*small, str(crawl), "s3://bucket/crawl.wat.gz"]) == 5
+
+
 def test_a_missing_captioner_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mine.main(["--pages", str(tmp_path), "--model", MODEL, "--out", str(tmp_path / "out"),

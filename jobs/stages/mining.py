@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,10 +198,21 @@ def _read_files(batch: pa.Table, done: ray.ObjectRef | None) -> pa.Table:
     return _table(rows)
 
 
+SMALL_FILE_BYTES = 1 << 20  # local page files under this size (HTML, small JSONL) share read tasks
+SMALL_FILES_PER_TASK = 16
+
+
+def read_blocks(paths: list[str]) -> int:
+    """Read tasks for these files: one per large or remote file (a WARC or WAT of a crawl), one per
+    `SMALL_FILES_PER_TASK` small local files (a task per 2 KB HTML file costs more in scheduling than reading)."""
+    small = sum(1 for path in paths if "://" not in path and os.path.getsize(path) < SMALL_FILE_BYTES)
+    return max(1, len(paths) - small + math.ceil(small / SMALL_FILES_PER_TASK))
+
+
 def read_page_files(paths: list[str], done_pages: set[str], num_cpus: float = 1.0) -> ray.data.Dataset:
     """One row per page of the files (pages listed in `done_pages` left out)."""
     reference = ray.put(frozenset(done_pages)) if done_pages else None
-    files = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(1, len(paths)))
+    files = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=read_blocks(paths))
     return files.map_batches(_read_files, fn_kwargs={"done": reference}, batch_size=1, batch_format="pyarrow",
                              num_cpus=num_cpus)
 
