@@ -121,16 +121,18 @@ def test_jobs_train_learns_from_the_mined_triplets(synthetic_run, tmp_path):
 
 
 def test_small_page_files_share_read_tasks_and_crawl_files_get_their_own(tmp_path):
-    from jobs.stages.mining import SMALL_FILE_BYTES, SMALL_FILES_PER_TASK, read_blocks
+    from jobs.stages.mining import MIN_SMALL_FILE_TASKS, SMALL_FILE_BYTES, SMALL_FILES_PER_TASK, read_blocks
 
+    many = SMALL_FILES_PER_TASK * (MIN_SMALL_FILE_TASKS + 2) + 1
     small = []
-    for n in range(2 * SMALL_FILES_PER_TASK + 1):
+    for n in range(many):
         small.append(str(tmp_path / f"page{n}.html"))
         Path(small[-1]).write_text("<title>a page</title>")
     crawl = tmp_path / "crawl.warc.gz"
     crawl.write_bytes(b"\0" * SMALL_FILE_BYTES)
-    assert read_blocks(small) == 3 and read_blocks(small[:1]) == 1
-    assert read_blocks([*small, str(crawl), "s3://bucket/crawl.wat.gz"]) == 5
+    assert read_blocks(small) == MIN_SMALL_FILE_TASKS + 3  # grouped
+    assert read_blocks(small[:5]) == 5 and read_blocks(small[:100]) == MIN_SMALL_FILE_TASKS  # still streamed
+    assert read_blocks([*small[:5], str(crawl), "s3://bucket/crawl.wat.gz"]) == 7  # a task per crawl file
 
 
 def test_a_missing_captioner_is_a_usage_error(tmp_path, capsys):

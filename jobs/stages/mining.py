@@ -200,13 +200,16 @@ def _read_files(batch: pa.Table, done: ray.ObjectRef | None) -> pa.Table:
 
 SMALL_FILE_BYTES = 1 << 20  # local page files under this size (HTML, small JSONL) share read tasks
 SMALL_FILES_PER_TASK = 64  # 2,000 pages: 16 a task 169 s, 64 a task 153 s (tests/perf/mine_pipeline.py)
+MIN_SMALL_FILE_TASKS = 16  # a few small files still stream through the stages (and commit) in several blocks
 
 
 def read_blocks(paths: list[str]) -> int:
     """Read tasks for these files: one per large or remote file (a WARC or WAT of a crawl), one per
-    `SMALL_FILES_PER_TASK` small local files (a task per 2 KB HTML file costs more in scheduling than reading)."""
+    `SMALL_FILES_PER_TASK` small local files (a task per 2 KB HTML file costs more in scheduling than reading),
+    but at least `MIN_SMALL_FILE_TASKS` for them, so that a small corpus is not one block end to end."""
     small = sum(1 for path in paths if "://" not in path and os.path.getsize(path) < SMALL_FILE_BYTES)
-    return max(1, len(paths) - small + math.ceil(small / SMALL_FILES_PER_TASK))
+    small_tasks = max(math.ceil(small / SMALL_FILES_PER_TASK), min(small, MIN_SMALL_FILE_TASKS))
+    return max(1, len(paths) - small + small_tasks)
 
 
 def read_page_files(paths: list[str], done_pages: set[str], num_cpus: float = 1.0) -> ray.data.Dataset:
