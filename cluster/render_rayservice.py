@@ -7,7 +7,7 @@ cluster/kuberay/raycluster.yaml.
 
 The overrides are the only differences from serve_app/config.yaml, each a (path, value): where the cluster's
 model, table and stored images are (the shared volume and object storage every pod reaches), and one GPU per
-encoder replica. The rendered Serve config is checked with `serve_app.config_check` before it is written.
+replica. The rendered Serve config is checked with `serve_app.config_check` before it is written.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ NAME = "magiclens-serve"
 
 Path_ = tuple[str | int, ...]
 APP = ("applications", 0)
-ENCODER = (*APP, "deployments", 0)
+SERVER = (*APP, "deployments", 0)
 OVERRIDES: tuple[tuple[Path_, Any], ...] = (
     ((*APP, "args", "model"), "/shared/models/magiclens-base"),
     ((*APP, "args", "db"), "s3://my-bucket/magiclens/lancedb"),
     ((*APP, "args", "allowed_uri_prefixes"), ["s3://my-bucket/magiclens/pool/"]),
-    ((*ENCODER, "ray_actor_options", "num_gpus"), 1),
+    ((*SERVER, "ray_actor_options", "num_gpus"), 1),
 )
 HEADER = ("# KubeRay RayService: the MagicLens search application (serve_app) on its own autoscaled cluster.\n"
           "# Rendered by `python -m cluster.render_rayservice`; do not edit: change serve_app/config.yaml, the\n"
@@ -66,8 +66,8 @@ def apply_overrides(serve_config: dict[str, Any]) -> dict[str, Any]:
         if path[-1] not in parent:
             raise KeyError(f"override {'.'.join(map(str, path))}: no such key in {SERVE_CONFIG.name}")
         parent[path[-1]] = copy.deepcopy(value)
-    if _node(config, ENCODER)["name"] != "QueryEncoder":
-        raise KeyError("the first deployment of the application must be QueryEncoder, whose replicas get a GPU")
+    if _node(config, SERVER)["name"] != "SearchServer":
+        raise KeyError("the first deployment of the application must be SearchServer, whose replicas get a GPU")
     return config
 
 

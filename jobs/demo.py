@@ -169,8 +169,8 @@ def serve_until_stopped(work: Path, paths: dict[str, Path], model: str, port: in
                            allowed_uri_prefixes=(str(paths["pool"]),))
     with logged(work / "logs" / "serve.log"):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(application(app_config, {"num_replicas": 1, "autoscaling_config": None},
-                              {"num_replicas": 1}), name="magiclens", route_prefix="/")
+        serve.run(application(app_config, {"num_replicas": 1, "autoscaling_config": None}), name="magiclens",
+                  route_prefix="/")
     sample = json.loads((paths["queries"] / "queries.json").read_text())[0]
     url = f"http://127.0.0.1:{port}"
     print(f"serve     ready: open {url}/ (upload a query image from {paths['queries']}, type its instruction)\n"

@@ -1,4 +1,5 @@
-"""The MagicLens search application: a FastAPI ingress in front of the batched `QueryEncoder` deployment.
+"""The MagicLens search application: one deployment, `SearchServer`, whose replicas each answer HTTP (FastAPI)
+and hold the model (the batched `QueryEncoder`) and the table, so a query costs no hop between replicas.
 
     serve run serve_app/config.yaml            # or: serve deploy serve_app/config.yaml
 
@@ -8,12 +9,10 @@ page at `/` and the OpenAPI page at `/docs`. With `api_key` configured every `/v
 """
 
 
-import asyncio
 import dataclasses
 import hmac
 import io
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magiclens_core import ImageDecodeError
 from magiclens_core.images.sources import load_image_source
 from serve_app.config import AppConfig
 from serve_app.encoder import QueryEncoder, image_error
-from serve_app.health import WorkerThreads
+from serve_app.health import STUCK_AFTER_S, WorkerThreads
 from serve_app.live_table import LiveTable
 from serve_app.schemas import (
     ApiError,
@@ -49,7 +45,6 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 LISTING_LIMIT = 200
 MAX_OFFSET = 2**63 - 1
 RETRY_AFTER_S = 1
-TRANSIENT = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 logger = logging.getLogger("ray.serve")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -104,18 +99,24 @@ _SEARCH_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@serve.deployment(name="SearchIngress", num_replicas=2, max_ongoing_requests=256, health_check_period_s=2,
-                  health_check_timeout_s=10, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(
+    name="SearchServer",
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 8},
+    health_check_period_s=2,
+    health_check_timeout_s=10,
+    ray_actor_options={"num_cpus": 0.5},
+)
 @serve.ingress(api)
-class SearchIngress:
-    """HTTP in, checks, one call to the encoder deployment (retried while a replica is being replaced)."""
+class SearchServer:
+    """HTTP in, checks, decode, batched embedding and the table search, all in one replica."""
 
-    def __init__(self, encoder: DeploymentHandle, config: AppConfig) -> None:
-        self.encoder = encoder
+    def __init__(self, config: AppConfig) -> None:
         self.config = config
-        self.live = LiveTable(config.db, config.table, config.refresh_interval_s)
+        self.threads = WorkerThreads(max(STUCK_AFTER_S, 2 * config.search_timeout_s))
+        self.live = LiveTable(config.db, config.table, config.refresh_interval_s, config.memory_index)
+        self.encoder = QueryEncoder(config, self.live, self.threads)
         self.checker = QueryChecker(config)
-        self.threads = WorkerThreads()
         self.policy = config.uri_policy()
         self.page = PAGE.read_text()
         api.state.api_key = config.api_key
@@ -130,40 +131,20 @@ class SearchIngress:
         return await self.threads.run(self.checker.read, content_type, request.headers, body,
                                       self.live.filter_columns)
 
-    async def _encode(self, query: CheckedQuery) -> dict[str, Any]:
-        deadline = time.monotonic() + self.config.retry_s
-        delay = 0.05
-        while True:
-            try:
-                answer = await self.encoder.search.remote(query.image, query.image_id, query.instruction, query.k,
-                                                          query.filter)
-                break
-            except TRANSIENT as err:
-                if time.monotonic() + delay > deadline:
-                    raise ApiError(503, "unavailable", f"no encoder replica answered in {self.config.retry_s} s: "
-                                                       f"{type(err).__name__}") from err
-                logger.warning("encoder call failed (%s); retrying in %.2f s", type(err).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)
-        if "error" in answer:
-            raise ApiError(**answer["error"])
-        return answer
-
     @api.post("/v1/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=_SEARCH_BODY,
               dependencies=[Depends(authorize)])
     async def search(self, request: Request, response: Response) -> dict[str, Any]:
         """The k images that best match an image (base64, an upload, or an indexed `image_id`) changed as the
         instruction says, best first, with cosine scores and metadata; optional `filter` on metadata. The
-        `Server-Timing` header says where the time went: `read` (body and checks), `encoder-call` (the call to
-        the encoder replica, of which `decode`, `embed` and `search` ran inside it) and `ingress` (all)."""
+        `Server-Timing` header says where the time went: `read` (body and checks), `decode`, `embed` (the wait
+        for a batch included), `search` (the table) and `server` (all)."""
         clock = Stopwatch()
         query = await self._read_query(request)
         clock.lap("read")
-        answer = await self._encode(query)
-        clock.lap("encoder-call")
-        timings = {**clock.laps_ms(total="ingress"), **answer.pop("timings_ms", {})}
+        answer = await self.encoder.search(query, clock)
+        timings = clock.laps_ms(total="server")
         response.headers["Server-Timing"] = server_timing(timings)
-        return {**answer, "took_ms": timings["ingress"]}
+        return {**answer, "took_ms": timings["server"]}
 
     @api.get("/v1/images", responses=ERRORS, dependencies=[Depends(authorize)])
     async def list_images(self, limit: int = Query(24, ge=1, le=LISTING_LIMIT),
@@ -199,7 +180,7 @@ class SearchIngress:
     async def info(self) -> dict[str, Any]:
         """The model, the table (rows, version, search parameters, filterable columns) and the limits."""
         table = await self.live.fresh()
-        encoder = await self.encoder.info.remote()
+        encoder = self.encoder.info()
         rows = await self.threads.run(table.count)
         return {"model": encoder, "table": {"name": table.name, "rows": rows, "version": table.version,
                                             "search": dataclasses.asdict(self.live.params),
@@ -224,12 +205,10 @@ class SearchIngress:
         return HTMLResponse(self.page)
 
 
-def application(config: AppConfig, encoder_options: dict[str, Any] | None = None,
-                ingress_options: dict[str, Any] | None = None) -> serve.Application:
+def application(config: AppConfig, options: dict[str, Any] | None = None) -> serve.Application:
     """The application over `config`, with deployment options (`.options(...)` keywords) overriding the
     defaults above, as the `deployments:` section of a Serve config file does."""
-    encoder = QueryEncoder.options(**(encoder_options or {})).bind(config)
-    return SearchIngress.options(**(ingress_options or {})).bind(encoder, config)
+    return SearchServer.options(**(options or {})).bind(config)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -28,7 +28,7 @@ class AppConfig(BaseModel):
     precision: Precision = "auto"
     preprocess: Literal["model", "official_eval"] = Field(
         "model", description="must match the preprocessing the table was indexed with")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads per encoder replica (default: torch's)")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per replica (default: torch's)")
     max_batch_size: int = Field(16, ge=1, description="queries embedded together (1 turns batching off)")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill (0: it takes "
                                                                "what queued while the last batch ran)")
@@ -46,9 +46,8 @@ class AppConfig(BaseModel):
                         "`image_id` queries read nothing else (empty: no stored image is read)")
     api_key: str | None = Field(None, description="when set, every route but /healthz and / needs "
                                                   "`Authorization: Bearer <api_key>`")
-    retry_s: float = Field(30.0, ge=0, description="how long a query is retried while an encoder replica is lost")
     memory_index: Literal["faiss"] | None = Field(
-        None, description="faiss: each encoder replica searches an HNSW graph held in memory beside the table "
+        None, description="faiss: each replica searches an HNSW graph held in memory beside the table "
                           "(kept in step with its versions; `pip install magiclens-ray[search]`)")
     search_timeout_s: float = Field(10.0, gt=0, description="longest a table search may take; a slower one "
                                                             "answers 503 `search_timeout`")

@@ -20,12 +20,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import SearchIngress
+from serve_app.app import SearchServer
 from serve_app.config import AppConfig
-from serve_app.encoder import QueryEncoder
 
 IMPORT_PATH = "serve_app.app:build_app"
-DEPLOYMENTS = {deployment.name: deployment for deployment in (QueryEncoder, SearchIngress)}
+DEPLOYMENTS = {deployment.name: deployment for deployment in (SearchServer,)}
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -83,8 +82,8 @@ def _application_problems(index: int, application: dict[str, Any]) -> list[str]:
             problems.append(f"{where}.deployments[{position}].name: no deployment {name!r} in this application; "
                             f"expected one of {sorted(DEPLOYMENTS)}")
             continue
-        if name == QueryEncoder.name:
-            ongoing = deployment.get("max_ongoing_requests", QueryEncoder.max_ongoing_requests)
+        if name == SearchServer.name:
+            ongoing = deployment.get("max_ongoing_requests", SearchServer.max_ongoing_requests)
             if ongoing < config.max_batch_size:
                 problems.append(f"{where}.deployments[{position}].max_ongoing_requests: {ongoing} is under "
                                 f"args.max_batch_size ({config.max_batch_size}), so batches can never fill")

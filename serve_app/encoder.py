@@ -1,5 +1,5 @@
-"""The query-encoder deployment: decodes a query image, embeds (image, instruction) pairs in batches with the
-`Embedder`, and searches the image table with its stored tuned parameters."""
+"""The query encoder each replica holds: decodes a query image, embeds (image, instruction) pairs in batches with
+the `Embedder`, and searches the image table with its stored tuned parameters."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from ray import serve
 from magiclens_core import ImageDecodeError
 from magiclens_core.images.pixels import as_float_batch, model_pixels
 from magiclens_core.images.sources import image_bytes_or_path
-from magiclens_core.search.filters import Filter
 from serve_app.config import AppConfig
-from serve_app.health import STUCK_AFTER_S, WorkerThreads
+from serve_app.health import WorkerThreads
 from serve_app.live_table import LiveTable
-from serve_app.schemas import ApiError
+from serve_app.schemas import ApiError, CheckedQuery
 from serve_app.timing import Stopwatch
 
 # every other decode reason is a 422; a stored URI outside `allowed_uri_prefixes` is as absent as a missing file
@@ -39,18 +38,11 @@ def rows_to_hits(rows: Any) -> list[dict[str, Any]]:
     return hits
 
 
-@serve.deployment(
-    name="QueryEncoder",
-    max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 2, "max_replicas": 3, "target_ongoing_requests": 8},
-    health_check_period_s=2,
-    health_check_timeout_s=10,
-    ray_actor_options={"num_cpus": 0.5},
-)
 class QueryEncoder:
-    """One model and one table handle per replica; concurrent queries are embedded together."""
+    """A replica's model and search: decodes a query image, embeds concurrent (image, instruction) pairs
+    together (`@serve.batch`) and searches the live table with its stored parameters."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, live: LiveTable, threads: WorkerThreads) -> None:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         device = config.device
@@ -58,13 +50,13 @@ class QueryEncoder:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.config = config
         self.policy = config.uri_policy()
-        self.threads = WorkerThreads(max(STUCK_AFTER_S, 2 * config.search_timeout_s))
-        from magiclens_core.embedder import Embedder  # the model's imports only in encoder replicas
+        self.live = live
+        self.threads = threads
+        from magiclens_core.embedder import Embedder  # the model's imports only where a replica starts
 
         self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
                                       batch_size=config.max_batch_size, preprocess=config.preprocess)
-        self.live = LiveTable(config.db, config.table, config.refresh_interval_s, config.memory_index)
-        self.live.table.check_model(self.embedder.model_id)
+        live.table.check_model(self.embedder.model_id)
         self.embed.set_max_batch_size(config.max_batch_size)
         self.embed.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -86,33 +78,24 @@ class QueryEncoder:
             raise image_error(err) from err
         return pixels
 
-    async def search(self, image: bytes | None, image_id: str | None, instruction: str, k: int,
-                     where: Filter | None) -> dict[str, Any]:
-        """The k best images for one query, or `{"error": {...}}` (an `ApiError` as data) when it is refused."""
-        clock = Stopwatch()
-        try:
-            pixels = await self._pixels(image, image_id)
-        except ApiError as err:
-            return {"error": {"status": err.status, "code": err.code, "message": err.message}}
+    async def search(self, query: CheckedQuery, clock: Stopwatch) -> dict[str, Any]:
+        """The k best images for one checked query (`ApiError` when its image cannot be used or the search
+        runs out of time), with the batch's size; `clock` gets the laps `decode`, `embed` and `search`."""
+        pixels = await self._pixels(query.image, query.image_id)
         clock.lap("decode")
-        vector, batch_size = await self.embed(pixels, instruction)
+        vector, batch_size = await self.embed(pixels, query.instruction)
         clock.lap("embed")  # the wait for the batch to fill included
         table = await self.live.fresh()
         timeout_s = self.config.search_timeout_s
         try:
             rows = await asyncio.wait_for(self.threads.run(
-                table.search, vector, k, where, select=self.live.result_columns, params=self.live.params), timeout_s)
-        except TimeoutError:
-            return {"error": {"status": 503, "code": "search_timeout",
-                              "message": f"the table search took longer than {timeout_s} s; retry later"}}
+                table.search, vector, query.k, query.filter, select=self.live.result_columns,
+                params=self.live.params), timeout_s)
+        except TimeoutError as err:
+            raise ApiError(503, "search_timeout",
+                           f"the table search took longer than {timeout_s} s; retry later") from err
         clock.lap("search")
-        return {"results": rows_to_hits(rows), "batch_size": batch_size, "table_version": table.version,
-                "timings_ms": clock.laps_ms(total="encoder")}
-
-    async def check_health(self) -> None:
-        """Serve's health check: it runs on the replica's event loop, so a blocked loop fails it by Serve's
-        timeout, and it fails when a worker thread is stuck on one call (a table search that never ends)."""
-        self.threads.check()
+        return {"results": rows_to_hits(rows), "batch_size": batch_size, "table_version": table.version}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config at start
     async def embed(self, pixels: list[np.ndarray], instructions: list[str]) -> list[tuple[np.ndarray, int]]:

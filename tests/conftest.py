@@ -101,9 +101,9 @@ def serve_instance(ray_cluster) -> str:
 def search_app(serve_instance, indexed_pool):
     """(pool, URL) of the open application at `/`: `served_pool.SEARCH_ARGS`, an autoscaling encoder and two
     ingress replicas, as the shipped config."""
-    from served_pool import APP_NAME, SEARCH_ARGS, SEARCH_ENCODER, SEARCH_INGRESS, deploy
+    from served_pool import APP_NAME, SEARCH_ARGS, SEARCH_DEPLOYMENT, deploy
 
-    return indexed_pool, deploy(indexed_pool, APP_NAME, "/", SEARCH_ARGS, SEARCH_ENCODER, SEARCH_INGRESS)
+    return indexed_pool, deploy(indexed_pool, APP_NAME, "/", SEARCH_ARGS, SEARCH_DEPLOYMENT)
 
 
 @pytest.fixture(scope="session")
@@ -111,4 +111,4 @@ def keyed_app(serve_instance, indexed_pool):
     """(pool, URL) of the application that needs `served_pool.API_KEY`, at `/keyed`, one replica each."""
     from served_pool import KEYED_APP, KEYED_ARGS, ONE_REPLICA, deploy
 
-    return indexed_pool, deploy(indexed_pool, KEYED_APP, "/keyed", KEYED_ARGS, ONE_REPLICA, ONE_REPLICA)
+    return indexed_pool, deploy(indexed_pool, KEYED_APP, "/keyed", KEYED_ARGS, ONE_REPLICA)

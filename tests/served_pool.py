@@ -21,14 +21,13 @@ TINY_MODEL = Path(__file__).parent / "fixtures" / "official_tiny" / "params_tiny
 APP_NAME = "magiclens"
 KEYED_APP = "magiclens-keyed"
 API_KEY = "test-key-123"
-MIN_REPLICAS, MAX_REPLICAS = 2, 3  # of the search application's encoder
+MIN_REPLICAS, MAX_REPLICAS = 2, 3  # of the search application's deployment
 SEARCH_ARGS = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "refresh_interval_s": 0.5, "max_k": 50,
                "max_image_bytes": 300_000, "max_pixels": 2_000_000}
-SEARCH_ENCODER = {"max_ongoing_requests": 16, "health_check_period_s": 1, "health_check_timeout_s": 5,
+SEARCH_DEPLOYMENT = {"max_ongoing_requests": 16, "health_check_period_s": 1, "health_check_timeout_s": 5,
                   "autoscaling_config": {"min_replicas": MIN_REPLICAS, "max_replicas": MAX_REPLICAS,
                                          "target_ongoing_requests": 2, "upscale_delay_s": 1,
                                          "downscale_delay_s": 4, "look_back_period_s": 2}}
-SEARCH_INGRESS = {"num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 5}
 KEYED_ARGS = {"api_key": API_KEY, "max_k": 30, "memory_index": "faiss"}  # its searches go through the in-memory graph
 ONE_REPLICA = {"num_replicas": 1, "autoscaling_config": None}
 
@@ -124,8 +123,7 @@ def stop_serve() -> None:
 
 
 def deploy(pool: Pool, name: str, route_prefix: str, args: dict[str, Any] | None = None,
-           encoder_options: dict[str, Any] | None = None, ingress_options: dict[str, Any] | None = None,
-           timeout_s: float = 300) -> str:
+           options: dict[str, Any] | None = None, timeout_s: float = 300) -> str:
     """Deploy the search application over `pool` as `name` at `route_prefix` on the session's Serve (its
     stored images readable); returns the application's URL once `/healthz` answers."""
     from ray import serve
@@ -138,8 +136,7 @@ def deploy(pool: Pool, name: str, route_prefix: str, args: dict[str, Any] | None
     config = AppConfig(model=pool.model, db=pool.db, table=pool.table,
                        **{"allowed_uri_prefixes": folders, **(args or {})})
     small = {"ray_actor_options": {"num_cpus": 0.25}}
-    serve.run(application(config, {**small, **(encoder_options or {})}, {**small, **(ingress_options or {})}),
-              name=name, route_prefix=route_prefix)
+    serve.run(application(config, {**small, **(options or {})}), name=name, route_prefix=route_prefix)
     url = base + route_prefix.rstrip("/")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -152,11 +149,11 @@ def deploy(pool: Pool, name: str, route_prefix: str, args: dict[str, Any] | None
     raise TimeoutError(f"application {name!r} did not answer on {url} within {timeout_s} s")
 
 
-def start_app(pool: Pool, args: dict[str, Any] | None = None, encoder_options: dict[str, Any] | None = None,
+def start_app(pool: Pool, args: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
               timeout_s: float = 300) -> str:
     """Deploy one more application (its own name and route prefix) on the session's Serve; returns its URL."""
     name = f"{APP_NAME}-{next(_names)}"
-    url = deploy(pool, name, f"/{name}", args, encoder_options, timeout_s=timeout_s)
+    url = deploy(pool, name, f"/{name}", args, options, timeout_s=timeout_s)
     _started.append(name)
     return url
 

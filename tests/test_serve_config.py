@@ -32,12 +32,12 @@ def test_the_shipped_config_is_sound(config):
     app = config["applications"][0]
     assert app["import_path"] == "serve_app.app:build_app"
     AppConfig.model_validate(app["args"])
-    encoder = next(d for d in app["deployments"] if d["name"] == "QueryEncoder")
-    scaling = encoder["autoscaling_config"]
+    server = next(d for d in app["deployments"] if d["name"] == "SearchServer")
+    scaling = server["autoscaling_config"]
     assert scaling["min_replicas"] <= scaling["max_replicas"]
     assert {"target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(scaling)
-    assert encoder["max_ongoing_requests"] >= app["args"]["max_batch_size"]
-    assert "num_gpus" in encoder["ray_actor_options"]
+    assert server["max_ongoing_requests"] >= app["args"]["max_batch_size"]
+    assert "num_gpus" in server["ray_actor_options"]
 
 
 def _edit(config: dict, path: list, value=None, rename: str | None = None) -> dict:
@@ -96,11 +96,9 @@ def test_wrong_values_and_unfillable_batches_are_caught(config, tmp_path):
 def test_the_shipped_config_survives_losing_any_one_replica_on_two_cpus(config):
     app = config["applications"][0]
     deployments = {d["name"]: d for d in app["deployments"]}
-    encoder, ingress = deployments["QueryEncoder"], deployments["SearchIngress"]
-    assert encoder["autoscaling_config"]["min_replicas"] >= 2 and ingress["num_replicas"] >= 2
-    most = (encoder["autoscaling_config"]["max_replicas"] * encoder["ray_actor_options"]["num_cpus"]
-            + ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"])
-    assert most <= 2
+    server = deployments["SearchServer"]
+    assert server["autoscaling_config"]["min_replicas"] >= 2
+    assert server["autoscaling_config"]["max_replicas"] * server["ray_actor_options"]["num_cpus"] <= 2
     assert all(d["health_check_period_s"] <= 5 for d in deployments.values())
     env = config["controller_options"]["runtime_env"]["env_vars"]
     assert env == PROXY_CALLBACK  # the proxy answers a request a lost replica held with a JSON 503

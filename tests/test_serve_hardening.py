@@ -271,10 +271,10 @@ def stop_load(stop: threading.Event, threads: list[threading.Thread]) -> None:
         thread.join(timeout=180)
 
 
-def test_a_lost_ingress_replica_costs_at_most_a_json_503_and_is_replaced(search_app):
+def test_a_lost_replica_costs_at_most_a_json_503_and_is_replaced(search_app):
     pool, url = search_app
-    assert wait_for(lambda: running("SearchIngress") == 2, 180)
-    victim = replica_actor_names(APP_NAME, "SearchIngress")[0]
+    assert wait_for(lambda: running("SearchServer") >= MIN_REPLICAS, 180)
+    victim = replica_actor_names(APP_NAME, "SearchServer")[0]
     stop, outcomes = threading.Event(), []
     threads = load(url, pool, stop, outcomes, clients=8)
     try:
@@ -289,31 +289,34 @@ def test_a_lost_ingress_replica_costs_at_most_a_json_503_and_is_replaced(search_
     assert len(failed) <= 8  # at most the requests the lost replica held
     after = [o for o in outcomes if o[4] > killed_at]
     assert max(o[1] for o in after) < REQUEST_BOUND_S, sorted(o[1] for o in after)[-5:]
-    assert wait_for(lambda: running("SearchIngress") == 2 and victim not in replica_actor_names(
-        APP_NAME, "SearchIngress"), 180)
+    assert wait_for(lambda: running("SearchServer") >= MIN_REPLICAS and victim not in replica_actor_names(
+        APP_NAME, "SearchServer"), 180)
 
 
 def replica_pid(name: str) -> int:
     return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda replica: os.getpid()))
 
 
-def test_a_stuck_encoder_replica_is_replaced_while_the_other_answers(search_app):
+def test_a_stuck_replica_is_replaced_while_the_other_answers(search_app):
     pool, url = search_app
-    assert wait_for(lambda: running("QueryEncoder") >= MIN_REPLICAS, 180)
-    names = replica_actor_names(APP_NAME, "QueryEncoder")
+    assert wait_for(lambda: running("SearchServer") >= MIN_REPLICAS, 180)
+    names = replica_actor_names(APP_NAME, "SearchServer")
     victim = names[0]
     pid = replica_pid(victim)
     stop, outcomes = threading.Event(), []
     threads = load(url, pool, stop, outcomes, clients=2)
     os.kill(pid, signal.SIGSTOP)  # wedged: its loop and threads answer nothing, the process is still there
     try:
-        assert wait_for(lambda: victim not in replica_actor_names(APP_NAME, "QueryEncoder"), 240)
-        assert wait_for(lambda: running("QueryEncoder") >= MIN_REPLICAS, 240)
+        assert wait_for(lambda: victim not in replica_actor_names(APP_NAME, "SearchServer"), 240)
+        assert wait_for(lambda: running("SearchServer") >= MIN_REPLICAS, 240)
     finally:
-        if victim in replica_actor_names(APP_NAME, "QueryEncoder"):
+        if victim in replica_actor_names(APP_NAME, "SearchServer"):
             os.kill(pid, signal.SIGCONT)
         stop_load(stop, threads)
-    assert outcomes and all(o[0] == 200 for o in outcomes), [o for o in outcomes if o[0] != 200][:5]
+    # the requests the wedged replica held get the JSON 503 once Serve replaces it; the others are answered
+    failed = [o for o in outcomes if o[0] != 200]
+    assert all(o[0] == 503 and o[2] is not None and '"unavailable"' in o[3] for o in failed), failed[:5]
+    assert len(failed) <= 2 and len(outcomes) - len(failed) > 0
     assert sum(o[1] < 2 for o in outcomes) > len(outcomes) // 2  # the other replica kept answering promptly
 
 

@@ -67,8 +67,9 @@ class ClusteredVectors:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def prepare(db: str, rows: int, dim: int, target_recall: float) -> tuple[ImageTable, dict]:
-    """The table of `rows` rows with a tuned IVF_HNSW_SQ index, written and built unless `db` holds it."""
+def prepare(db: str, rows: int, dim: int, target_recall: float, lancedb_index: bool = True) -> tuple[ImageTable, dict]:
+    """The table of `rows` rows with a tuned IVF_HNSW_SQ index (when `lancedb_index`), written and built unless
+    `db` holds it."""
     data = ClusteredVectors(dim)
     table = ImageTable.create(db, "pool", image_schema(dim, metadata=pa.schema([pa.field("shard", pa.int32())])))
     timings: dict = {}
@@ -81,7 +82,7 @@ def prepare(db: str, rows: int, dim: int, target_recall: float) -> tuple[ImageTa
     if table.count() != rows:
         raise SystemExit(f"{db} holds {table.count()} rows, not {rows}: use another --db")
     stored = table.search_params()
-    if stored.index_type is None or stored.indexed_rows != rows:
+    if lancedb_index and (stored.index_type is None or stored.indexed_rows != rows):
         table.update_index()  # compact the appends, as the job does before indexing
         start = time.perf_counter()
         build = build_index(table, IndexKind.IVF_HNSW_SQ)
@@ -218,11 +219,14 @@ def main() -> None:
     parser.add_argument("--lancedb-ef", type=int, default=None,
                         help="ef of the LanceDB paths (default: the stored tuned one, which is tuned on table rows)")
     parser.add_argument("--no-memory-index", action="store_true", help="leave out the `ours_memory` row")
+    parser.add_argument("--no-lancedb-index", action="store_true",
+                        help="build no LanceDB index and leave out the LanceDB rows (`ours`, `lancedb`, `pylance`): "
+                             "at 1M rows its build alone takes longer than the rest on 2 cores")
     parser.add_argument("--db", default=None, help="LanceDB folder, reused when it holds the table (default: temp)")
     args = parser.parse_args()
 
     table, timings = prepare(args.db or tempfile.mkdtemp(prefix="search_at_scale_"), args.rows, args.dim,
-                             args.target_recall)
+                             args.target_recall, lancedb_index=not args.no_lancedb_index)
     params = table.search_params()
     if args.lancedb_ef:
         params = SearchParams(**{**params.__dict__, "ef": args.lancedb_ef})
@@ -233,7 +237,7 @@ def main() -> None:
     queries = ClusteredVectors(args.dim).chunk(args.queries, stream=10**6)
     tree = parse_filter(FILTER, column_kinds(table.schema))
 
-    paths: dict[str, Query] = {
+    paths: dict[str, Query] = {} if args.no_lancedb_index else {
         "ours": lambda vector, mask: table.search(vector, 10, tree if mask is not None else None, select=["id"],
                                                   params=params).column("id").to_pylist(),
         **lancedb_paths(table, params, FILTER),

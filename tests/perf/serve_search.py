@@ -4,16 +4,16 @@
 
 Builds a table of `--rows` clustered unit vectors through `magiclens_core.search.store` (search parameters indexed and
 tuned as the indexing job does; the uris name a few generated images), a MagicLens of `--size` with random
-weights (or `--model`), and starts the application on the local Ray with one encoder replica. Then, in one run:
+weights (or `--model`), and starts the application on the local Ray with one replica. Then, in one run:
 - `in_process`: p50/p99 of decode + `Embedder.embed_queries` + `ImageTable.search`, called directly, one query
   at a time, on the same images and instructions;
 - `http`: p50/p99 latency and queries/s of `POST /v1/search` (base64 image) at each client count;
 - `in_process_beside_ray`: the same, measured again once the cluster and application are up (idle);
 - `overhead_ms`: p50 of HTTP at one client minus p50 in-process beside Ray (goal: <= 5 ms), and
   `overhead_vs_quiet_machine_ms` against the measurement before Ray started;
-- `breakdown_p50_ms` at each client count, from the server's `Server-Timing` header: proxy and network,
-  ingress (reading and checks, the rest), the handle hop to the encoder replica, and the encoder's decode,
-  embed (batch wait included) and search;
+- `breakdown_p50_ms` at each client count, from the server's `Server-Timing` header: proxy and network
+  (the client's time minus the replica's), and in the replica reading and checks, decode, embed (batch wait
+  included), search and the rest;
 - `batching`: queries/s at `--batching-clients` clients with `max_batch_size` 16 vs 1 (goal: >= 2x on CPU with
   `base`).
 Prints one JSON object.
@@ -115,16 +115,13 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 def breakdown(timings: list[dict[str, float]]) -> dict[str, float]:
     """Medians of where each request's time went, from the server's own timings: the proxy and the network
-    (client minus ingress), the ingress itself (reading, checks and its own work), the hop to the encoder
-    replica and back (its call minus the encoder's time), and the encoder's decode, embed and search."""
+    (the client's time minus the replica's), and in the replica reading and checks, decode, embed (the batch
+    wait included), search and the rest (routing inside the replica, the response's encoding)."""
     parts = {
-        "proxy_and_network": lambda t: t["client"] - t["ingress"],
-        "ingress_read_and_checks": lambda t: t["read"],
-        "ingress_other": lambda t: t["ingress"] - t["read"] - t["encoder-call"],
-        "handle_hop": lambda t: t["encoder-call"] - t["encoder"],
-        "encoder_decode": lambda t: t["decode"], "encoder_embed": lambda t: t["embed"],
-        "encoder_search": lambda t: t["search"],
-        "encoder_other": lambda t: t["encoder"] - t["decode"] - t["embed"] - t["search"],
+        "proxy_and_network": lambda t: t["client"] - t["server"],
+        "read_and_checks": lambda t: t["read"], "decode": lambda t: t["decode"], "embed": lambda t: t["embed"],
+        "search": lambda t: t["search"],
+        "replica_other": lambda t: t["server"] - t["read"] - t["decode"] - t["embed"] - t["search"],
     }
     return {name: round(statistics.median(part(t) for t in timings), 2) for name, part in parts.items()}
 
@@ -135,10 +132,9 @@ def deploy(config, replica_cpus: float, port: int) -> str:
     from serve_app.app import application
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    encoder = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": replica_cpus},
+    options = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": replica_cpus},
                "max_ongoing_requests": max(64, config.max_batch_size)}
-    serve.run(application(config, encoder, {"ray_actor_options": {"num_cpus": 0.5}}), name=APP_NAME,
-              route_prefix="/")
+    serve.run(application(config, options), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     httpx.get(url + "/healthz", timeout=600).raise_for_status()
     return url
