@@ -129,3 +129,19 @@ def test_an_unknown_memory_index_is_refused(tmp_path):
     colour_table(tmp_path, 10)
     with pytest.raises(ValueError, match="no memory index 'annoy'"):
         ImageTable.open(str(tmp_path / "db"), "pool", memory_index="annoy")
+
+
+def test_the_tuned_breadth_reaches_the_target_on_vectors_the_table_does_not_hold(tmp_path):
+    """ef is tuned on the version's last rows before they join the graph, so it holds for new queries."""
+    rows, dim = 20_000, 32
+    colour_table(tmp_path, rows, dim)
+    version = TableVersion(lance.dataset(str(tmp_path / "db" / "pool.lance")))
+    graph = MemoryIndex("vector", target_recall=0.9)
+    graph.follow(version)
+    assert graph.rows == rows and graph.recall_at_k >= 0.9 and graph.ef < 512  # tuned, not the fallback
+    matrix = np.concatenate(list(version.unit_vectors("vector")))  # in the table's scan order, as positions are
+    hits = 0
+    for query in clustered(300, dim, seed=77):  # not rows of the table
+        found = graph.search(query[None], 10).positions
+        hits += len(set(found) & set(np.argsort(-(matrix @ query))[:10]))
+    assert hits / 3000 >= 0.87  # the target, less the sampling error of 100 tuning queries
