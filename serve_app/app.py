@@ -106,6 +106,7 @@ _SEARCH_BODY = {"requestBody": {"required": True, "content": {
     health_check_period_s=2,
     health_check_timeout_s=10,
     ray_actor_options={"num_cpus": 0.5},
+    logging_config={"enable_access_log": False},  # a log line per request costs time; errors are still logged
 )
 @serve.ingress(api)
 class SearchServer:
