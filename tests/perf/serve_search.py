@@ -1,6 +1,6 @@
 """Latency and throughput of the search application, and what the server adds over the same work in-process.
 
-    python tests/perf/serve_search.py [--rows 1000000] [--size base] [--clients 1 8 32]
+    python tests/perf/serve_search.py [--rows 1000000] [--size base] [--clients 1 8 32] [--ingress haproxy]
 
 Builds a table of `--rows` clustered unit vectors through `magiclens_core.search.store` (search parameters indexed and
 tuned as the indexing job does; the uris name a few generated images), a MagicLens of `--size` with random
@@ -44,6 +44,7 @@ from magiclens_core import Embedder, create_model, save_model  # noqa: E402
 from magiclens_core.images.pixels import as_float_batch, model_pixels  # noqa: E402
 from magiclens_core.search.index_policy import index_table  # noqa: E402
 from magiclens_core.search.store import ImageTable, IndexKind, image_schema  # noqa: E402
+from serve_app.ingress import use_haproxy_locally  # noqa: E402
 
 INSTRUCTIONS = ["the same, but blue", "two of them", "on a black background", "larger", "on the left", ""]
 
@@ -154,7 +155,11 @@ def main() -> None:
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
     parser.add_argument("--replica-cpus", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+                        help="Serve's Python proxy, or HAProxy straight to the replica (serve_app.ingress)")
     args = parser.parse_args()
+    if args.ingress == "haproxy":
+        use_haproxy_locally()
 
     import ray
 
@@ -170,6 +175,7 @@ def main() -> None:
     table, built = build_table(root, args.rows, embedder, images, args.index)
     queries = [(path.read_bytes(), INSTRUCTIONS[n % len(INSTRUCTIONS)]) for n, path in enumerate(images)]
     result = {"rows": args.rows, "size": args.size if args.model is None else args.model, "k": args.k,
+              "ingress": args.ingress,
               "table": built, "in_process": in_process(embedder, table, (queries * 4)[:args.in_process + 1], args.k)}
 
     ray.init(num_cpus=4, include_dashboard=False,
