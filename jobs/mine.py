@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from jobs.common import hold_writer_lock, require_model, require_paths, run_job
+from jobs.common import InputError, hold_writer_lock, require_model, require_paths, run_job
 from jobs.stages.mining import (
     REJECT_SCHEMA,
     STAGES,
@@ -149,9 +149,13 @@ def _mine(config: MineConfig) -> dict:
 
 
 def check_inputs(config: MineConfig) -> None:
-    """The page sources and the image model exist (before Ray starts)."""
+    """The page sources and the image model exist and `--out` is a folder (before Ray starts)."""
     require_paths(config, "pages")
     require_model(config.model)
+    if "://" in config.out:  # os.makedirs would make a local folder named after the URI
+        raise InputError(f"--out {config.out}: the output must be a folder on a local or shared (mounted) "
+                         "filesystem, whose file lock keeps a second run out and whose renames commit each batch; "
+                         "mount the bucket, or copy the folder there after the run")
 
 
 def main(argv: list[str] | None = None) -> dict:
