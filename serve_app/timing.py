@@ -15,7 +15,7 @@ class Stopwatch:
     def lap(self, name: str) -> None:
         """Record the time since the previous lap (or the start) as `name`."""
         now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + 1000 * (now - self.last)
+        self.laps[name] = 1000 * (now - self.last)
         self.last = now
 
     def laps_ms(self, total: str) -> dict[str, float]:
