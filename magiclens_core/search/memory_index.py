@@ -13,7 +13,7 @@ as a user's query is. Rows of the graph as queries would understate it (200k clu
 
 A filter is a predicate the table version evaluates over its rows (so it means what it means on the table),
 cached per version as a bitmap. When it keeps few rows they are searched exactly, else the graph is searched
-for the rows it keeps, with `ef` widened as the filter narrows. Reading the table is the
+for the rows it keeps, with `ef` widened as the filter narrows (`filtered_ef`). Reading the table is the
 caller's, through the `TableVersion` it passes in: this module knows no storage API.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 
 EF_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 EXACT_ROWS = 2_000  # by default, a filter keeping at most this many rows is searched exactly
-MAX_EF_WIDENING = 4.0  # ef under a filter: times rows / rows kept (the walk skips the others), at most this
+MAX_EF_WIDENING = 4.0  # ef under a filter: at most this many times the tuned one
 CACHED_FILTERS = 32
 
 
@@ -188,8 +188,8 @@ class MemoryIndex:
                 if len(mask.rows) <= self.exact_rows:
                     scores, labels = _exact(self._index.reconstruct_batch(mask.rows), mask.rows, query, k)
                 else:  # the walk passes through the rows the filter drops: widen ef as it narrows
-                    widening = min(MAX_EF_WIDENING, self.rows / len(mask.rows))
-                    params = faiss.SearchParametersHNSW(efSearch=int(max(self.ef, k) * widening), sel=mask.selector)
+                    ef = filtered_ef(self.ef, k, self.rows, len(mask.rows))
+                    params = faiss.SearchParametersHNSW(efSearch=ef, sel=mask.selector)
                     scores, labels = self._index.search(query, k, params=params)
             positions = labels[0][labels[0] >= 0]
             ids = [value.decode() for value in self._ids[positions]]
@@ -208,6 +208,13 @@ class MemoryIndex:
         if len(self._masks) > CACHED_FILTERS:
             self._masks.popitem(last=False)
         return mask
+
+
+def filtered_ef(ef: int, k: int, rows: int, kept: int) -> int:
+    """The breadth of a graph walk under a filter keeping `kept` of `rows` rows: enough candidates in view to
+    hold k kept ones (k x rows / kept), never under the tuned `ef` (or k), at most `MAX_EF_WIDENING` times it."""
+    ef = max(ef, k)
+    return int(min(MAX_EF_WIDENING * ef, max(ef, k * rows / kept)))
 
 
 def _exact(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

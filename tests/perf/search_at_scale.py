@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from magiclens_core.search.filters import column_kinds, parse_filter
 from magiclens_core.search.index_policy import build_index, tune
-from magiclens_core.search.memory_index import MAX_EF_WIDENING, MemoryIndex
+from magiclens_core.search.memory_index import MemoryIndex, filtered_ef
 from magiclens_core.search.store import DISTANCE, VECTOR, ImageTable, IndexKind, SearchParams, image_schema
 
 CHUNK = 100_000
@@ -101,11 +101,10 @@ def prepare(db: str, rows: int, dim: int, target_recall: float, lancedb_index: b
 def ours_ef(graph: MemoryIndex, mask: np.ndarray | None, k: int = 10) -> int | None:
     """The ef the memory index walks its graph with for this filter (as `MemoryIndex.search` widens it), None
     when it searches the rows the filter keeps exactly instead."""
-    ef = max(graph.ef, k)
     if mask is None:
-        return ef
+        return max(graph.ef, k)
     kept = int(mask.sum())
-    return None if kept <= graph.exact_rows else int(ef * min(MAX_EF_WIDENING, len(mask) / kept))
+    return None if kept <= graph.exact_rows else filtered_ef(graph.ef, k, len(mask), kept)
 
 
 def exact_top(matrix: np.ndarray, vector: np.ndarray, mask: np.ndarray | None, k: int = 10) -> np.ndarray:
