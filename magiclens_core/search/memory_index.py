@@ -146,11 +146,12 @@ class MemoryIndex:
                 index.hnsw.efConstruction = self.ef_construction
             cut = min(len(vectors), max(0, tuning_from - position))
             index.add(vectors[:cut])
-            held.append(vectors[cut:])
+            if cut < len(vectors):  # a copy: a view would keep the whole batch alive until the build ends
+                held.append(vectors[cut:].copy())
             position += len(vectors)
         if index is None:  # no rows: the dimension comes with the first rows appended
             return None, EF_STEPS[0], None
-        queries = np.concatenate(held)
+        queries = np.concatenate(held) if held else np.empty((0, index.d), dtype=np.float32)
         ef, recall = self._tune(index, queries)
         index.add(queries)
         return index, ef, recall
