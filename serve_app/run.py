@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="what takes HTTP requests on a new local Ray: Serve's proxy, or HAProxy straight to "
                              "the replicas (faster; a lost replica's requests get a plain 500)")
     args = parser.parse_args(argv)
-    if args.ingress == "haproxy" and os.environ.get("RAY_ADDRESS"):
-        print(f"--ingress haproxy starts a local Ray; the cluster at RAY_ADDRESS has HAProxy when its nodes were "
-              f"started with {HAPROXY_SWITCH}=1 (cluster/README.md)", file=sys.stderr)
-        return 2
     if args.ingress == "haproxy":
+        if os.environ.get("RAY_ADDRESS"):
+            print(f"--ingress haproxy starts a local Ray; the cluster at RAY_ADDRESS has HAProxy when its nodes "
+                  f"were started with {HAPROXY_SWITCH}=1 (cluster/README.md)", file=sys.stderr)
+            return 2
         use_haproxy_locally()
     config = yaml.safe_load(Path(args.config).read_text())
     problems = check_config(config) or deployment_problems(config, cluster_cpus())

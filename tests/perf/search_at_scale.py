@@ -286,19 +286,19 @@ def main() -> None:
         for library, maker in makers.items():
             if library == "usearch" and mask is not None:
                 continue
-            efs[library] = tuned_ef(maker, queries, truth, mask, args.target_recall)
-            run[f"{library}_hnsw"] = maker(efs[library])
+            efs[f"{library}_hnsw"] = tuned_ef(maker, queries, truth, mask, args.target_recall)
         same_ef = ours_ef(memory.memory_index, mask) if "ours_memory" in paths else None
         if same_ef and "faiss" in makers:  # the same graph walk as ours: the same recall
-            efs["faiss_same_ef"] = same_ef
-            run["faiss_hnsw_same_ef"] = makers["faiss"](same_ef)
+            efs["faiss_hnsw_same_ef"] = same_ef
+        for name, ef in efs.items():
+            run[name] = makers[name.split("_")[0]](ef)
         exact = {"exact": lambda vector, mask: list(ids[exact_top(matrix, vector, mask)])}
         rows = {}  # exact, a scan of every row that empties the CPU caches, is timed apart
         for name, (found, seconds) in {**interleaved(run, queries, mask), **interleaved(exact, queries, mask)}.items():
             rows[name] = {"recall_at_10": recall(found, truth), "p50_ms": ms(seconds, 0.5),
                           "p99_ms": ms(seconds, 0.99), "build_s": build_s.get(name)}
-        for library, ef in efs.items():
-            rows[f"{library}_hnsw" if library != "faiss_same_ef" else "faiss_hnsw_same_ef"]["ef"] = ef
+        for name, ef in efs.items():
+            rows[name]["ef"] = ef
         for baseline in ("faiss_hnsw", "faiss_hnsw_same_ef"):
             if "ours_memory" in rows and baseline in rows:
                 rows[f"ratios_ours_memory_to_{baseline}"] = {
