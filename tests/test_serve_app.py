@@ -222,18 +222,23 @@ def test_concurrent_clients_get_right_answers_in_batches(search_app):
     assert max(batch for _, _, batch in answers) > 1
 
 
-def _load(url: str, pool, stop: threading.Event, outcomes: list, clients: int) -> list[threading.Thread]:
+def _load(url: str, pool, stop: threading.Event, outcomes: list, clients: int,
+          retries: int = 0) -> list[threading.Thread]:
+    """Clients searching in a loop through the project's client (`retries` of transient failures), recording
+    (status, expected first id, first id found)."""
     items = list(pool.files.items())
 
     def client(offset: int) -> None:
-        with httpx.Client(timeout=180) as http:
+        with MagicLensClient(url, timeout=180) as searcher:
             turn = offset
             while not stop.is_set():
                 image_id, path = items[turn % len(items)]
                 turn += 1
-                answer = http.post(url + "/v1/search", json={"image": b64(path.read_bytes()), "k": 3})
-                found = answer.json()["results"][0]["id"] if answer.status_code == 200 else None
-                outcomes.append((answer.status_code, image_id, found))
+                try:
+                    hits = searcher.search(path.read_bytes(), "", k=3, retries=retries)
+                    outcomes.append((200, image_id, hits[0]["id"]))
+                except SearchError as err:
+                    outcomes.append((err.status, image_id, None))
 
     threads = [threading.Thread(target=client, args=(offset,), daemon=True) for offset in range(clients)]
     for thread in threads:
@@ -263,24 +268,8 @@ def test_a_replica_killed_under_load_loses_no_query_of_a_retrying_client(search_
     pool, url = search_app
     assert wait_for(lambda: server_replicas().get("RUNNING", 0) >= MIN_REPLICAS, 180), server_replicas()
     victim = server_actor_names()[0]
-    items = list(pool.files.items())
     stop, outcomes = threading.Event(), []
-
-    def client(offset: int) -> None:
-        with MagicLensClient(url, timeout=180) as searcher:
-            turn = offset
-            while not stop.is_set():
-                image_id, path = items[turn % len(items)]
-                turn += 1
-                try:
-                    hits = searcher.search(path.read_bytes(), "", k=3, retries=5)
-                    outcomes.append((200, image_id, hits[0]["id"]))
-                except SearchError as err:
-                    outcomes.append((err.status, image_id, None))
-
-    threads = [threading.Thread(target=client, args=(offset,), daemon=True) for offset in range(6)]
-    for thread in threads:
-        thread.start()
+    threads = _load(url, pool, stop, outcomes, clients=6, retries=5)
     try:
         assert wait_for(lambda: len(outcomes) >= 10, 120)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
