@@ -1,6 +1,7 @@
 """Throughput of the triplet mining job end to end, per stage, and the cost of mining at the paper's scale.
 
-    python tests/perf/mine_pipeline.py [--pages 2000] [--instructions template|llm] [--cpus 4] [--no-alone]
+    python tests/perf/mine_pipeline.py [--pages 2000] [--instructions template|llm] [--llm-workers 1] [--cpus 4]
+                                       [--no-alone]
 
 Pages built by `SyntheticWorld(seed=0).write_web_pages` (HTML files with their images, in a temporary
 folder) are mined by `jobs.mine.run` on a local Ray started here (`ray.init(num_cpus=--cpus)`), with the
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--instructions", default="template", choices=["template", "llm"])
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--model", default=str(OFFICIAL_TINY))
+    parser.add_argument("--llm-workers", type=int, default=1, help="text-generation actors (--instructions llm)")
     parser.add_argument("--target-triplets", type=int, default=PAPER_TRIPLETS)
     parser.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each stage alone")
@@ -84,7 +86,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False)
     config = MineConfig(pages=[str(site)], out=str(work / "mined"), model=args.model,
-                        instructions=args.instructions, min_side=32, image_low=0.0, image_high=0.999,
+                        instructions=args.instructions, llm_workers=args.llm_workers, min_side=32, image_low=0.0, image_high=0.999,
                         text_low=0.3)
     try:
         started = time.perf_counter()
@@ -99,7 +101,8 @@ def main() -> None:
     total = sum(seconds.values()) or 1.0
     pages, triplets = summary["pages_read"], summary["triplets_written"]
     print(json.dumps({
-        "benchmark": "mine_pipeline", "instructions": args.instructions, "pages": args.pages,
+        "benchmark": "mine_pipeline", "instructions": args.instructions, "llm_workers": args.llm_workers,
+        "pages": args.pages,
         "ray_cpus": args.cpus, "machine_cores": os.cpu_count(), "corpus_write_s": round(write_seconds, 2),
         "job_seconds": summary["seconds"], "pages_read": pages, "images_found": summary["images_found"],
         "images_kept": summary["images_kept"], "pairs_scored": summary["pairs_scored"],
