@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import fcntl
 import glob
 import json
 import logging
 import math
 import os
-import socket
 import sys
-import time
 import types
 import typing
 from collections.abc import Callable
@@ -237,24 +234,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print the job's result as one JSON line, always the last line of its output."""
     sys.stdout.flush()
     print(json.dumps(summary, default=str), flush=True)
-
-
-def hold_writer_lock(path: str, job: str) -> int:
-    """An open descriptor holding an exclusive `flock` on the file at `path` (created if need be), which then
-    names this run of `job`; exits with an error naming the lock and its holder when another run holds it.
-    The kernel releases the lock when the descriptor is closed or the process dies: no stale lock survives."""
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 512).decode(errors="replace").strip() or "another run"
-        os.close(descriptor)
-        raise SystemExit(f"error: {os.path.dirname(path)} is being written by {holder}, which holds the lock "
-                         f"{path}; wait for that run to end or write elsewhere") from None
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"{job} pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    return descriptor
 
 
 def run_job(config_type: type[ConfigT], run: Callable[[ConfigT], dict[str, Any]], argv: list[str] | None,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from jobs.common import InputError, hold_writer_lock, require_model, require_paths, run_job
+from jobs.common import InputError, require_model, require_paths, run_job
 from jobs.stages.mining import (
     REJECT_SCHEMA,
     STAGES,
@@ -36,11 +36,10 @@ from jobs.stages.mining import (
     read_page_files,
 )
 from jobs.stages.sources import GLOB_CHARACTERS, list_files
+from jobs.writer_lock import WriterLock
 from magiclens_core.images.sources import filesystem_of
 from magiclens_core.mining.output import MiningOutput
 from magiclens_core.mining.pages import PAGE_EXTENSIONS
-
-LOCK_FILE = "_writer.lock"  # held by the run writing --out
 
 
 @dataclass(kw_only=True)
@@ -83,18 +82,14 @@ def _flatten(column: pa.ChunkedArray, schema: pa.Schema) -> pa.Table:
 
 
 def run(config: MineConfig) -> dict:
-    """Mine the pages not yet committed to `--out`, holding `--out`'s writer lock meanwhile (a second run on
-    the same folder is refused at once, since its clean-up of uncommitted parts would remove this run's); the
-    summary."""
-    os.makedirs(config.out, exist_ok=True)
-    lock = hold_writer_lock(os.path.join(config.out, LOCK_FILE), "jobs.mine")
-    try:
-        return _mine(config)
-    finally:
-        os.close(lock)
+    """Mine the pages not yet committed to `--out`, holding `--out` for this run meanwhile (`WriterLock`: a
+    second run on the same folder is refused at once, since its clean-up of uncommitted parts would remove
+    this run's); the summary."""
+    with WriterLock(config.out, "jobs.mine") as lock:
+        return _mine(config, lock)
 
 
-def _mine(config: MineConfig) -> dict:
+def _mine(config: MineConfig, lock: WriterLock) -> dict:
     started = time.perf_counter()
     output = MiningOutput(config.out)
     done, kept_ids, triplets_before = output.committed_pages()
@@ -114,6 +109,7 @@ def _mine(config: MineConfig) -> dict:
         per_page = [len(items) for items in batch.column("triplets").to_pylist()]
         pages = pa.table({"page_id": batch.column("page_id"), "image_ids": image_ids,
                           "triplets": pa.array(per_page, pa.int32())})
+        lock.check()
         output.commit(triplets, rejects, pages)
         is_page = [not any(r["stage"] == "read" and not r["page_url"] for r in rs)
                    for rs in batch.column("rejects").to_pylist()]
@@ -143,19 +139,20 @@ def _mine(config: MineConfig) -> dict:
         "seconds_per_stage": {stage: round(seconds[stage], 3) for stage in STAGES},
         "pages_per_s": round(counts["pages_read"] / elapsed, 2), "triplets_per_s": round(
             counts["triplets_written"] / elapsed, 3),
-        "files": len(files), "skipped_files": skipped, "triplets": str(output.folder / "triplets"),
+        "files": len(files), "skipped_files": skipped, "triplets": output.location("triplets"),
         "seconds": round(elapsed, 2),
     }
 
 
 def check_inputs(config: MineConfig) -> None:
-    """The page sources and the image model exist and `--out` is a folder (before Ray starts)."""
+    """The page sources and the image model exist and `--out` is a folder pyarrow opens (before Ray
+    starts)."""
     require_paths(config, "pages")
     require_model(config.model)
-    if "://" in config.out:  # os.makedirs would make a local folder named after the URI
-        raise InputError(f"--out {config.out}: the output must be a folder on a local or shared (mounted) "
-                         "filesystem, whose file lock keeps a second run out and whose renames commit each batch; "
-                         "mount the bucket, or copy the folder there after the run")
+    try:
+        filesystem_of(config.out)
+    except (ValueError, OSError) as error:
+        raise InputError(f"--out {config.out}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,6 @@ The last line printed is a JSON summary.
 """
 
 import hashlib
-import os
 import sys
 import time
 import uuid
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 import ray
 
 import magiclens_core  # its describe_model is imported on first use: worker processes here need no model
-from jobs.common import Demand, hold_writer_lock, require_model, require_paths, require_table, run_job
+from jobs.common import Demand, require_model, require_paths, require_table, run_job
 from jobs.stages.embed import (
     DETAIL,
     EMBEDDING,
@@ -55,14 +54,14 @@ from jobs.stages.embed import (
 )
 from jobs.stages.pools import actor_pool
 from jobs.stages.sources import source_dataset
-from magiclens_core.images.sources import UriPolicy
+from jobs.writer_lock import WriterLock
+from magiclens_core.images.sources import UriPolicy, filesystem_of
 from magiclens_core.search.filters import Filter, column_kinds, parse_filter
 from magiclens_core.search.store import ImageTable
 
 OUTPUT_COLUMNS = ("query_id", "uri", "instruction", "ids", "scores")
 REJECT_COLUMNS = ("query_id", "uri", "instruction", "reason", "detail")
 REJECTS_FILE = "_rejects.parquet"  # a leading underscore keeps it out of the dataset when OUT is read
-LOCK_FILE = "_writer.lock"  # held by the run writing OUT
 
 
 @dataclass(kw_only=True)
@@ -126,24 +125,22 @@ class SearchWorker:
 
 class Output:
     """The output dataset: ids already answered, whole part files, the rejects file; a context manager that
-    holds the writer's lock (on a local or shared filesystem) from its start to its end."""
+    holds the folder for one writer (`WriterLock`: a lock on a local or shared filesystem, a lease in object
+    storage) from its start to its end."""
 
     def __init__(self, uri: str) -> None:
-        self.filesystem, self.root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        self.filesystem, self.root = filesystem_of(uri)
         self.filesystem.create_dir(self.root, recursive=True)
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.parts = 0
-        self._lock: int | None = None
+        self.lock = WriterLock(uri, "jobs.retrieve")
 
     def __enter__(self) -> "Output":
-        if isinstance(self.filesystem, pafs.LocalFileSystem):
-            self._lock = hold_writer_lock(os.path.join(self.root, LOCK_FILE), "jobs.retrieve")
+        self.lock.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # releases the lock; the file stays, for the next run to lock
-            self._lock = None
+        self.lock.__exit__(*exc)
 
     def done_ids(self) -> np.ndarray:
         """Query ids already written, sorted, as numpy bytes (the form `read_images` skips)."""
@@ -160,6 +157,7 @@ class Output:
         self.filesystem.move(temporary, final)
 
     def add(self, rows: pa.Table) -> None:
+        self.lock.check()
         self._write(f"part-{self.run}-{self.parts:05d}.parquet", rows.select(list(OUTPUT_COLUMNS)))
         self.parts += 1
 

@@ -22,6 +22,7 @@ from PIL import Image
 from served_pool import shared_pool
 
 from jobs import retrieve
+from jobs.writer_lock import LOCK_FILE
 from magiclens_core.images.identity import content_id
 from magiclens_core.search.store import ImageTable
 
@@ -127,7 +128,7 @@ def test_an_output_held_by_a_live_run_is_refused_and_a_dead_run_holds_nothing(tm
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        lock = out / retrieve.LOCK_FILE
+        lock = out / LOCK_FILE
         with pytest.raises(SystemExit, match=f"pid {holder.pid} on .* holds the lock {lock}"):
             retrieve.Output(str(out)).__enter__()
         with retrieve.Output(str(tmp_path / "other")):  # another --out is free
@@ -155,7 +156,7 @@ def test_a_second_retrieve_on_one_out_is_refused_and_nothing_is_answered_twice(r
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, "-m", "jobs.retrieve", *flags], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = out / retrieve.LOCK_FILE
+    lock = out / LOCK_FILE
     deadline = time.monotonic() + 120
     while first.poll() is None and time.monotonic() < deadline and \
             not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
@@ -181,7 +182,7 @@ def test_a_second_mining_run_on_one_out_is_refused_before_it_touches_the_folder(
     (out / "triplets").mkdir(parents=True)
     in_flight = out / "triplets" / "part-inflight-00000.parquet"  # a part the holder has not committed yet
     in_flight.write_bytes(b"PAR1")
-    holder = os.open(out / mine.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    holder = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(holder, b"jobs.mine pid 1 on elsewhere")

@@ -143,13 +143,6 @@ def test_a_missing_captioner_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
-def test_an_object_storage_out_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        mine.main(["--pages", str(tmp_path), "--model", MODEL, "--out", "s3://bucket/mined"])
-    assert exit_info.value.code == 2 and "--out s3://bucket/mined" in capsys.readouterr().err
-    assert not Path("s3:").exists()  # no local folder named after the URI
-
-
 def _crawl(tmp_path: Path, server: WebServer) -> list[str]:
     colours = [(200, 30, 30), (30, 160, 40), (40, 60, 210), (220, 200, 30), (140, 50, 180), (230, 120, 20)]
     for index, colour in enumerate(colours):

@@ -86,8 +86,8 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False)
     config = MineConfig(pages=[str(site)], out=str(work / "mined"), model=args.model,
-                        instructions=args.instructions, llm_workers=args.llm_workers, min_side=32, image_low=0.0, image_high=0.999,
-                        text_low=0.3)
+                        instructions=args.instructions, llm_workers=args.llm_workers, min_side=32, image_low=0.0,
+                        image_high=0.999, text_low=0.3)
     try:
         started = time.perf_counter()
         summary = run(config)
