@@ -68,6 +68,7 @@ class WriterLease:
         self.token, self.holder = uuid.uuid4().hex, _holder(job)
         self._stop = threading.Event()
         self._lost = False
+        self._renewed_at = 0.0
         self._renewer: threading.Thread | None = None
 
     def _read(self) -> dict | None:
@@ -80,9 +81,11 @@ class WriterLease:
             return None
 
     def _write(self) -> None:
-        lease = {"holder": self.holder, "token": self.token, "expires": time.time() + self.ttl_s}
+        written = time.time()
+        lease = {"holder": self.holder, "token": self.token, "expires": written + self.ttl_s}
         with self.filesystem.open_output_stream(self.path) as stream:
             stream.write(json.dumps(lease).encode())
+        self._renewed_at = written
 
     def acquire(self) -> None:
         """Take the lease, or exit with an error naming its live holder."""
@@ -101,16 +104,21 @@ class WriterLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            current = self._read()
-            if not current or current.get("token") != self.token:
-                self._lost = True
-                return
-            self._write()
+            try:
+                current = self._read()
+                if not current or current.get("token") != self.token:
+                    self._lost = True
+                    return
+                self._write()
+            except OSError:  # the store is unreachable for now: try again, until the lease may have expired
+                continue
 
     def check(self) -> None:
-        """Raise `LeaseLost` when another run has taken the lease over."""
-        if self._lost:
-            raise LeaseLost(f"{self.path}: another run took over this folder's lease; stopping before writing more")
+        """Raise `LeaseLost` when another run has taken the lease over, or when it went unrenewed so long
+        that another could have."""
+        if self._lost or time.time() - self._renewed_at > self.ttl_s:
+            raise LeaseLost(f"{self.path}: another run took over this folder's lease, or could have (it went "
+                            f"unrenewed for over {self.ttl_s:g} s); stopping before writing more")
 
     def release(self) -> None:
         """Stop renewing, and delete the lease if it is still this run's."""
