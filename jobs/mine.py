@@ -3,12 +3,13 @@
     python -m jobs.mine --pages SRC [SRC...] --model MODEL --out DIR [--config mine.yaml] [options]
 
 SRC: WARC (`.warc`, `.warc.gz`), WAT (`.wat`, `.wat.gz`), HTML files (`.html`, `.htm`) and JSONL pages
-(`.jsonl`), given as files, folders (searched recursively) or globs, local or in object storage. Writes
-`DIR/triplets/` (Parquet parts that `jobs.train --triplets DIR/triplets` reads), `DIR/rejects/` and the
-commit records `DIR/pages/`. `--captioner FOLDER` describes each image with a `transformers` image-to-text
-model too (its caption in the triplets' `*_caption` columns, the page's own in `*_page_caption`); a folder
-or name that is not there is a usage error before Ray starts. Resumable by page: a rerun skips the pages
-already committed and writes no triplet twice. Progress on stderr; the last line printed is a JSON summary.
+(`.jsonl`), given as files, folders (searched recursively) or globs, local or in object storage. Writes, to a
+local or shared folder or to object storage, `DIR/triplets/` (Parquet parts that `jobs.train --triplets
+DIR/triplets` reads), `DIR/rejects/` and the commit records `DIR/pages/`. `--captioner FOLDER` describes each
+image with a `transformers` image-to-text model too (its caption in the triplets' `*_caption` columns, the
+page's own in `*_page_caption`); a folder or name that is not there is a usage error before Ray starts.
+Resumable by page: a rerun skips the pages already committed and writes no triplet twice. Progress on stderr;
+the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from magiclens_core.mining.pages import PAGE_EXTENSIONS
 @dataclass(kw_only=True)
 class MineConfig(MiningOptions):
     pages: list[str] = field(metadata={"help": "WARC/WAT/HTML/JSONL files, folders or globs"})
-    out: str = field(metadata={"help": "output folder (triplets/, rejects/, pages/)"})
+    out: str = field(metadata={"help": "output folder (triplets/, rejects/, pages/): local, shared or in object "
+                                       "storage"})
     instructions: Literal["template", "llm"] = field(
         default="template", metadata={"help": "template: from the metadata; llm: a text-generation model"})
     commit_pages: int = field(default=64, metadata={"help": "pages per output commit"})
