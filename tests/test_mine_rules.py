@@ -61,16 +61,26 @@ def test_pairs_inside_the_window_and_capped():
     vectors[2] = vectors[0] * 0.7 + vectors[2] * 0.714
     vectors[3] = vectors[0]  # a near duplicate of 0
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    texts = ["a b", "a b c", "a", "a b", "z"]
     rules = PairRules(image_low=0.3, image_high=0.95, text_low=-1, text_high=1.01, max_pairs=2)
-    chosen, dropped = select_pairs(vectors, vectors, texts, rules)
+    chosen, dropped = select_pairs(vectors, vectors, [f"id{i}" for i in range(5)], rules)
     assert len(chosen) == 2
     assert all(0.3 <= p.image_similarity <= 0.95 for p in chosen)
     assert chosen[0].score >= chosen[1].score
     reasons = {(d.first, d.second): d.reason for d in dropped}
     assert reasons[(0, 3)] == "near_duplicate" and reasons[(0, 4)] == "unrelated"
     assert "page_cap" in reasons.values()
-    assert query_first(0, 1, texts) == (0, 1) and query_first(1, 2, texts) == (2, 1)
+
+
+def test_the_query_is_a_stable_coin_toss_not_the_page_order():
+    ids = [f"image-{index}" for index in range(200)]
+    pairs = [(first, first + 1) for first in range(0, 200, 2)]
+    chosen = [query_first(first, second, ids) for first, second in pairs]
+    assert all(sorted(pair) == [first, second] for pair, (first, second) in zip(chosen, pairs))
+    earlier_is_query = sum(query == first for (query, _), (first, _) in zip(chosen, pairs))
+    assert 30 < earlier_is_query < 70  # not always the earlier image
+    swapped = [query_first(first, second, list(reversed(ids))) for first, second in
+               ((199 - second, 199 - first) for first, second in pairs)]
+    assert [ids[::-1][query] for query, _ in swapped] == [ids[query] for query, _ in chosen]  # order-free
 
 
 def test_prompt_in_the_paper_format_and_answers_parsed():

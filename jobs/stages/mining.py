@@ -396,7 +396,7 @@ class PairScorer:
             start += count
             page["pairs_scored"] = count * (count - 1) // 2
             chosen, dropped = select_pairs(image_vectors[span], text_vectors[span],
-                                           [image["text"] for image in page["images"]], self.rules)
+                                           [image["content_id"] for image in page["images"]], self.rules)
             page["pairs"] = [{"query": p.query, "target": p.target, "image_similarity": p.image_similarity,
                               "text_similarity": p.text_similarity} for p in chosen]
             for pair in dropped:

@@ -4,12 +4,14 @@ A pair is kept when both its image-image similarity (CLIP image embeddings) and 
 (sentence embeddings of the images' metadata) fall inside a window: above a lower bound (the two images
 are related) and below an upper bound (same-page pairs are often near duplicates, which teach nothing).
 The kept pairs are ranked by the mean of both similarities and at most `max_pairs` are taken per page.
-The query is the image with the shorter description (the target's richer text is what the instruction
-talks about), the earlier one on the page on a tie.
+Which image of a pair is the query is a stable coin toss on the two images' content ids: pages are often
+ordered (by colour, size, date), and any rule tied to page order or description length makes most
+instructions point one way (towards the later colour, the larger size), which a model then learns.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,18 +54,22 @@ def _window_reason(name: str, value: float, low: float, high: float) -> tuple[st
     return None
 
 
-def query_first(first: int, second: int, texts: list[str]) -> tuple[int, int]:
-    """(query, target) of a pair: the shorter description is the query, the earlier image on a tie."""
-    return (second, first) if len(texts[second].split()) < len(texts[first].split()) else (first, second)
+def query_first(first: int, second: int, ids: list[str]) -> tuple[int, int]:
+    """(query, target) of a pair: a coin toss seeded by the two images' ids, the same whichever order
+    they come in (so a rerun, or the same two images on another page, picks the same query)."""
+    low, high = sorted((ids[first], ids[second]))
+    toss = zlib.crc32(f"{low}|{high}".encode()) & 1
+    return (first, second) if (ids[first] == low) == (toss == 0) else (second, first)
 
 
-def select_pairs(image_vectors: np.ndarray, text_vectors: np.ndarray, texts: list[str],
+def select_pairs(image_vectors: np.ndarray, text_vectors: np.ndarray, ids: list[str],
                  rules: PairRules) -> tuple[list[ScoredPair], list[DroppedPair]]:
-    """The chosen pairs of one page (best first) and every pair left out, with its reason."""
+    """The chosen pairs of one page (best first) and every pair left out, with its reason; `ids` are the
+    images' stable ids (content hashes), which pick each pair's query."""
     image_similarity = image_vectors @ image_vectors.T
     text_similarity = text_vectors @ text_vectors.T
     candidates, dropped = [], []
-    count = len(texts)
+    count = len(ids)
     for first in range(count):
         for second in range(first + 1, count):
             sim_image, sim_text = float(image_similarity[first, second]), float(text_similarity[first, second])
@@ -72,7 +78,7 @@ def select_pairs(image_vectors: np.ndarray, text_vectors: np.ndarray, texts: lis
             if reason:
                 dropped.append(DroppedPair(first, second, *reason))
                 continue
-            query, target = query_first(first, second, texts)
+            query, target = query_first(first, second, ids)
             candidates.append(ScoredPair(query, target, sim_image, sim_text))
     candidates.sort(key=lambda pair: (-pair.score, pair.query, pair.target))
     for pair in candidates[rules.max_pairs:]:
