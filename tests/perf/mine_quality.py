@@ -1,14 +1,18 @@
 """Quality of mined triplets: the tiny model trained with the same step budget on (a) triplets mined from
 synthetic-world pages and (b) the world's own ground-truth triplets, held-out Recall@1 of both.
 
-    python tests/perf/mine_quality.py [--pages 600] [--steps 300] [--instructions template|llm] [--cpus 4]
+    python tests/perf/mine_quality.py [--pages 600] [--steps 300] [--instructions template|llm] [--text-low 0.3]
+                                      [--true-instructions] [--cpus 4]
 
 (a) `SyntheticWorld(seed).write_web_pages` → `jobs.mine.run` (the tiny official-format checkpoint of the
 test fixtures scores image pairs, the packaged MiniLM text pairs, with the README's window flags); (b) as
 many triplets from `SyntheticWorld(seed).write_triplets`. Both train through `jobs.train.run` from the same
 random tiny model (same seed, steps, batch and learning rate) and validate on the same held-out benchmark
 (`write_benchmark`: queries whose (scene, change) pairs neither set holds, one right answer in the pool).
-Reported: each run's best and final R@1/R@5/R@10 (percent), chance, and `recall@1_ratio` = (a) / (b).
+Reported: each run's best and final R@1/R@5/R@10 (percent), chance, `recall@1_ratio` = (a) / (b), and how many
+attributes each mined pair changes (the world's own triplets change 1 or 2). `--true-instructions` trains a
+third model on the mined pairs with the world's own instruction for each pair's true change: what those pairs
+are worth with perfect instructions, which tells the pairs' share of the gap from the instructions'.
 Goal: ratio >= 0.8. Prints one JSON object.
 """
 
@@ -18,15 +22,18 @@ import argparse
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from jobs.mine import MineConfig
 from jobs.mine import run as mine
 from jobs.train import TrainConfig
 from jobs.train import run as train
-from magiclens_core.synthetic import SyntheticWorld
+from magiclens_core.synthetic import ATTRIBUTES, Scene, SyntheticWorld, all_scenes, instruction_for
 
 OFFICIAL_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny" / "params_tiny.pkl"
 RECALLS = ("recall@1", "recall@5", "recall@10")
@@ -50,6 +57,29 @@ def _train(config: TrainConfig) -> dict:
             "final": {key: last[f"val_{key}"] for key in RECALLS}}
 
 
+def _mined_scenes(world: SyntheticWorld, pages: int, triplets: str) -> list[tuple[Scene, Scene, dict]]:
+    """(query scene, target scene, row) of every mined triplet, from the page images' known scenes."""
+    by_key = {scene.key: scene for scene in all_scenes()}
+    by_name = {image.name: by_key[image.scene] for page in world.web_pages(pages) for image in page.images
+               if image.scene}
+    rows = pq.read_table(triplets, columns=["query_image", "target_image", "query_url", "target_url"]).to_pylist()
+    return [(by_name[row["query_url"].rsplit("/", 1)[-1]], by_name[row["target_url"].rsplit("/", 1)[-1]], row)
+            for row in rows]
+
+
+def _change(query: Scene, target: Scene) -> tuple:
+    return tuple((name, getattr(target, name)) for name in ATTRIBUTES if getattr(query, name) != getattr(target, name))
+
+
+def _write_true_instructions(mined: list[tuple[Scene, Scene, dict]], path: Path) -> str:
+    """The mined pairs with the world's own instruction for each pair's true change, as a Parquet file."""
+    rows = [{"query_image": row["query_image"], "target_image": row["target_image"],
+             "instruction": instruction_for(query, _change(query, target), index)}
+            for index, (query, target, row) in enumerate(mined)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=600)
@@ -62,6 +92,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-low", type=float, default=0.3, help="mining's text-similarity lower bound")
+    parser.add_argument("--true-instructions", action="store_true",
+                        help="also train on the mined pairs with the world's own instructions")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (training needs "
                                                             "--workers + 2)")
     args = parser.parse_args()
@@ -77,14 +110,19 @@ def main() -> None:
             started = time.perf_counter()
             mined = mine(MineConfig(pages=[str(site)], out=str(folder / "mined"), model=str(OFFICIAL_TINY),
                                     instructions=args.instructions, min_side=32, image_low=0.0, image_high=0.999,
-                                    text_low=0.3))
+                                    text_low=args.text_low))
             mine_seconds = time.perf_counter() - started
             count = mined["triplets_written"]
             if not count:
                 raise SystemExit(f"no triplets mined from {args.pages} pages: {json.dumps(mined['rejects'])}")
             truth = world.write_triplets(folder / "truth.parquet", count)
+            pairs = _mined_scenes(world, args.pages, mined["triplets"])
+            changes = Counter(len(_change(query, target)) for query, target, _ in pairs)
             results = {"mined": _train(_config(mined["triplets"], "mined", folder, bench, args)),
                        "ground_truth": _train(_config(str(truth), "truth", folder, bench, args))}
+            if args.true_instructions:
+                oracle = _write_true_instructions(pairs, folder / "mined_true_instructions.parquet")
+                results["mined_pairs_true_instructions"] = _train(_config(oracle, "oracle", folder, bench, args))
         finally:
             ray.shutdown()
     best_mined, best_truth = results["mined"]["best"]["recall@1"], results["ground_truth"]["best"]["recall@1"]
@@ -92,7 +130,8 @@ def main() -> None:
         "benchmark": "mine_quality", "instructions": args.instructions, "pages": args.pages, "triplets": count,
         "mine_seconds": round(mine_seconds, 1), "steps": args.steps, "workers": args.workers,
         "batch_size": args.batch_size, "queries": args.queries, "pool": args.pool,
-        "chance_recall@1": round(100 / args.pool, 3), **results,
+        "chance_recall@1": round(100 / args.pool, 3), "text_low": args.text_low,
+        "mined_changed_attributes": dict(sorted(changes.items())), **results,
         "recall@1_ratio": round(best_mined / best_truth, 3) if best_truth else None,
     }))
 
