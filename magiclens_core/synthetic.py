@@ -46,7 +46,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "count", "background")
 
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-_STREAM_TRIPLETS, _STREAM_BENCHMARK, _STREAM_POOL, _STREAM_PAGES = 1, 2, 3, 4
+_STREAM_TRIPLETS, _STREAM_BENCHMARK, _STREAM_POOL, _STREAM_PAGES, _STREAM_GALLERIES = 1, 2, 3, 4, 5
 _HELD_OUT_BUCKETS = 10  # one bucket in ten of (scene, change) pairs is reserved for the benchmark
 _SUPERSAMPLE = 4        # shapes are drawn at 4x and downsampled, for smooth edges
 
@@ -301,10 +301,37 @@ class SyntheticWorld:
         """Write `benchmark(n_queries, pool_size)` as a retrieval-set folder; returns the folder."""
         return self.benchmark(n_queries, pool_size).write(directory)
 
-    def web_pages(self, n: int) -> list[WebPage]:
-        """`n` pages, each grouping 3-6 images that share an attribute, plus a small site logo
-        (the kind of image a mining pipeline should drop)."""
-        return [self._page(index) for index in range(n)]
+    def web_pages(self, n: int, galleries: float = 0.0) -> list[WebPage]:
+        """`n` pages, each with a small site logo (the kind of image a mining pipeline should drop) and 3-6
+        images: by default category pages, whose images share one attribute (any two differ in about 3 of
+        the other 5). A `galleries` share of the pages are instead variant galleries, as product pages are:
+        one item and variants of it, each changing 1 or 2 attributes (never a held-out change of the item).
+        Pages are the same for any `n`, and with `galleries=0` category pages only."""
+        if not 0.0 <= galleries <= 1.0:
+            raise ValueError("galleries is a share of the pages, from 0 to 1")
+        return [self._gallery(index) if galleries and self._rng(_STREAM_GALLERIES, index).random() < galleries
+                else self._page(index) for index in range(n)]
+
+    def _gallery(self, index: int) -> WebPage:
+        rng = self._rng(_STREAM_GALLERIES, index, 1)
+        item, _ = self._pair(rng, held_out=False)
+        variants, size = {item}, int(rng.integers(3, 7))
+        while len(variants) < size:
+            change = self._random_change(item, rng)
+            if not self.is_held_out(item, change):
+                variants.add(apply_change(item, change))
+        label = f"{item.colour} {item.shape} variants"
+        images = [PageImage(name=f"page{index}-{slot}.png", data=self.image_bytes(scene, rng), alt=scene.describe(),
+                            caption=f"{label}: {scene.describe()}", scene=scene.key)
+                  for slot, scene in enumerate(sorted(variants))]
+        return self._with_logo(f"https://shapes.example/gallery/{item.key}/{index}", f"Gallery: {label}", index,
+                               images)
+
+    def _with_logo(self, url: str, title: str, index: int, images: list[PageImage]) -> WebPage:
+        logo = Image.new("RGB", (16, 16), (30, 30, 30))
+        images.append(PageImage(name=f"page{index}-logo.png", data=_encode_png(logo), alt="logo", caption="",
+                                scene=""))
+        return WebPage(url=url, title=title, images=tuple(images))
 
     def _page(self, index: int) -> WebPage:
         rng = self._rng(_STREAM_PAGES, index)
@@ -320,17 +347,14 @@ class SyntheticWorld:
             images.append(PageImage(name=f"page{index}-{slot}.png", data=self.image_bytes(scene, rng),
                                     alt=scene.describe(), caption=f"{label}: {scene.describe()}",
                                     scene=scene.key))
-        logo = Image.new("RGB", (16, 16), (30, 30, 30))
-        images.append(PageImage(name=f"page{index}-logo.png", data=_encode_png(logo), alt="logo",
-                                caption="", scene=""))
-        return WebPage(url=f"https://shapes.example/{attribute}/{value}/{index}",
-                       title=f"Gallery: things with {label}", images=tuple(images))
+        return self._with_logo(f"https://shapes.example/{attribute}/{value}/{index}",
+                               f"Gallery: things with {label}", index, images)
 
-    def write_web_pages(self, directory: str | PathLike, n: int) -> Path:
-        """Write `n` pages as `page{i}.html` with their images next to them; returns the folder."""
+    def write_web_pages(self, directory: str | PathLike, n: int, galleries: float = 0.0) -> Path:
+        """Write `web_pages(n, galleries)` as `page{i}.html` with their images next to them; returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for index, page in enumerate(self.web_pages(n)):
+        for index, page in enumerate(self.web_pages(n, galleries)):
             (directory / f"page{index}.html").write_text(page.to_html())
             for image in page.images:
                 (directory / image.name).write_bytes(image.data)

@@ -126,6 +126,21 @@ def test_web_pages_group_related_images(tmp_path):
         assert len(logos) == 1 and Image.open(io.BytesIO(logos[0].data)).size == (16, 16)
         html = page.to_html()
         assert all(f'alt="{image.alt}"' in html for image in page.images)
+    mixed = WORLD.web_pages(40, galleries=0.5)
+    assert mixed[:4] == SyntheticWorld(seed=11).web_pages(4, galleries=0.5)
+    galleries = [page for page in mixed if "/gallery/" in page.url]
+    assert 10 <= len(galleries) <= 30
+    assert [page for page in mixed if page not in galleries] == [pages_ for i, pages_ in enumerate(
+        WORLD.web_pages(40)) if "/gallery/" not in mixed[i].url]  # the other pages are the category pages
+    for page in galleries:
+        scenes = [_scene(image.scene) for image in page.images if image.scene]
+        assert 3 <= len(scenes) <= 6 and len(set(scenes)) == len(scenes)
+        item = min(scenes, key=lambda scene: max(sum(getattr(scene, a) != getattr(other, a) for a in ATTRIBUTES)
+                                                 for other in scenes))
+        assert all(1 <= sum(getattr(item, a) != getattr(other, a) for a in ATTRIBUTES) <= 2
+                   for other in scenes if other != item)
+    with pytest.raises(ValueError, match="share"):
+        WORLD.web_pages(2, galleries=1.5)
     folder = WORLD.write_web_pages(tmp_path / "pages", 2)
     assert (folder / "page1.html").is_file()
     assert _pixels((folder / pages[0].images[0].name).read_bytes()).shape == (64, 64, 3)

@@ -2,7 +2,7 @@
 synthetic-world pages and (b) the world's own ground-truth triplets, held-out Recall@1 of both.
 
     python tests/perf/mine_quality.py [--pages 600] [--steps 300] [--instructions template|llm] [--text-low 0.3]
-                                      [--true-instructions] [--cpus 4]
+                                      [--galleries 0.0] [--true-instructions] [--cpus 4]
 
 (a) `SyntheticWorld(seed).write_web_pages` → `jobs.mine.run` (the tiny official-format checkpoint of the
 test fixtures scores image pairs, the packaged MiniLM text pairs, with the README's window flags); (b) as
@@ -13,6 +13,8 @@ Reported: each run's best and final R@1/R@5/R@10 (percent), chance, `recall@1_ra
 attributes each mined pair changes (the world's own triplets change 1 or 2). `--true-instructions` trains a
 third model on the mined pairs with the world's own instruction for each pair's true change: what those pairs
 are worth with perfect instructions, which tells the pairs' share of the gap from the instructions'.
+`--galleries` makes that share of the pages variant galleries (one item and variants changing 1 or 2
+attributes, as product pages are) instead of category pages (`SyntheticWorld.web_pages`).
 Goal: ratio >= 0.8. Prints one JSON object.
 """
 
@@ -57,10 +59,12 @@ def _train(config: TrainConfig) -> dict:
             "final": {key: last[f"val_{key}"] for key in RECALLS}}
 
 
-def _mined_scenes(world: SyntheticWorld, pages: int, triplets: str) -> list[tuple[Scene, Scene, dict]]:
+def _mined_scenes(world: SyntheticWorld, pages: int, galleries: float,
+                  triplets: str) -> list[tuple[Scene, Scene, dict]]:
     """(query scene, target scene, row) of every mined triplet, from the page images' known scenes."""
     by_key = {scene.key: scene for scene in all_scenes()}
-    by_name = {image.name: by_key[image.scene] for page in world.web_pages(pages) for image in page.images
+    by_name = {image.name: by_key[image.scene] for page in world.web_pages(pages, galleries)
+               for image in page.images
                if image.scene}
     rows = pq.read_table(triplets, columns=["query_image", "target_image", "query_url", "target_url"]).to_pylist()
     return [(by_name[row["query_url"].rsplit("/", 1)[-1]], by_name[row["target_url"].rsplit("/", 1)[-1]], row)
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-low", type=float, default=0.3, help="mining's text-similarity lower bound")
+    parser.add_argument("--galleries", type=float, default=0.0,
+                        help="share of the pages that are variant galleries instead of category pages")
     parser.add_argument("--true-instructions", action="store_true",
                         help="also train on the mined pairs with the world's own instructions")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (training needs "
@@ -104,7 +110,7 @@ def main() -> None:
         folder = Path(name)
         world = SyntheticWorld(seed=args.seed)
         bench = world.write_benchmark(folder / "bench", args.queries, pool_size=args.pool)
-        site = world.write_web_pages(folder / "site", args.pages)
+        site = world.write_web_pages(folder / "site", args.pages, args.galleries)
         ray.init(num_cpus=args.cpus, include_dashboard=False)
         try:
             started = time.perf_counter()
@@ -116,7 +122,7 @@ def main() -> None:
             if not count:
                 raise SystemExit(f"no triplets mined from {args.pages} pages: {json.dumps(mined['rejects'])}")
             truth = world.write_triplets(folder / "truth.parquet", count)
-            pairs = _mined_scenes(world, args.pages, mined["triplets"])
+            pairs = _mined_scenes(world, args.pages, args.galleries, mined["triplets"])
             changes = Counter(len(_change(query, target)) for query, target, _ in pairs)
             results = {"mined": _train(_config(mined["triplets"], "mined", folder, bench, args)),
                        "ground_truth": _train(_config(str(truth), "truth", folder, bench, args))}
@@ -131,6 +137,7 @@ def main() -> None:
         "mine_seconds": round(mine_seconds, 1), "steps": args.steps, "workers": args.workers,
         "batch_size": args.batch_size, "queries": args.queries, "pool": args.pool,
         "chance_recall@1": round(100 / args.pool, 3), "text_low": args.text_low,
+        "galleries": args.galleries,
         "mined_changed_attributes": dict(sorted(changes.items())), **results,
         "recall@1_ratio": round(best_mined / best_truth, 3) if best_truth else None,
     }))
