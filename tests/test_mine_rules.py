@@ -75,8 +75,8 @@ def test_the_query_is_a_stable_coin_toss_not_the_page_order():
     ids = [f"image-{index}" for index in range(200)]
     pairs = [(first, first + 1) for first in range(0, 200, 2)]
     chosen = [query_first(first, second, ids) for first, second in pairs]
-    assert all(sorted(pair) == [first, second] for pair, (first, second) in zip(chosen, pairs))
-    earlier_is_query = sum(query == first for (query, _), (first, _) in zip(chosen, pairs))
+    assert all(sorted(pair) == [first, second] for pair, (first, second) in zip(chosen, pairs, strict=True))
+    earlier_is_query = sum(query == first for (query, _), (first, _) in zip(chosen, pairs, strict=True))
     assert 30 < earlier_is_query < 70  # not always the earlier image
     swapped = [query_first(first, second, list(reversed(ids))) for first, second in
                ((199 - second, 199 - first) for first, second in pairs)]
