@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-EF_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+EF_STEPS = (16, 24, 32, 48, 64, 80, 96, 128, 192, 256, 384, 512)
 EXACT_ROWS = 2_000  # by default, a filter keeping at most this many rows is searched exactly
 MAX_EF_WIDENING = 4.0  # ef under a filter: at most this many times the tuned one
 CACHED_FILTERS = 32
