@@ -2,7 +2,8 @@
 synthetic-world pages and (b) the world's own ground-truth triplets, held-out Recall@1 of both.
 
     python tests/perf/mine_quality.py [--pages 600] [--steps 300] [--instructions template|llm] [--text-low 0.3]
-                                      [--galleries 0.0] [--true-instructions] [--cpus 4]
+                                      [--galleries 0.0] [--true-instructions] [--template-truth]
+                                      [--cpus 4]
 
 (a) `SyntheticWorld(seed).write_web_pages` → `jobs.mine.run` (the tiny official-format checkpoint of the
 test fixtures scores image pairs, the packaged MiniLM text pairs, with the README's window flags); (b) as
@@ -13,6 +14,8 @@ Reported: each run's best and final R@1/R@5/R@10 (percent), chance, `recall@1_ra
 attributes each mined pair changes (the world's own triplets change 1 or 2). `--true-instructions` trains a
 third model on the mined pairs with the world's own instruction for each pair's true change: what those pairs
 are worth with perfect instructions, which tells the pairs' share of the gap from the instructions'.
+`--template-truth` trains one more on the world's own pairs with the template's instruction for each (from
+the two scenes' captions, as mining writes it): what the template alone costs on perfect pairs.
 `--galleries` makes that share of the pages variant galleries (one item and variants changing 1 or 2
 attributes, as product pages are) instead of category pages (`SyntheticWorld.web_pages`).
 Goal: ratio >= 0.8. Prints one JSON object.
@@ -35,6 +38,8 @@ from jobs.mine import MineConfig
 from jobs.mine import run as mine
 from jobs.train import TrainConfig
 from jobs.train import run as train
+from magiclens_core.mining.instructions import ImageText, template_instruction
+from magiclens_core.model.tokenizer import Tokenizer
 from magiclens_core.synthetic import ATTRIBUTES, Scene, SyntheticWorld, all_scenes, instruction_for
 
 OFFICIAL_TINY = Path(__file__).resolve().parents[1] / "fixtures" / "official_tiny" / "params_tiny.pkl"
@@ -84,6 +89,18 @@ def _write_true_instructions(mined: list[tuple[Scene, Scene, dict]], path: Path)
     return str(path)
 
 
+def _write_template_truth(truth: Path, path: Path) -> str:
+    """The world's own triplets with the template's instruction for each pair, as a Parquet file."""
+    by_key, tokenizer = {scene.key: scene for scene in all_scenes()}, Tokenizer()
+    rows = pq.read_table(truth, columns=["query_image", "target_image", "query_scene", "target_scene"]).to_pylist()
+    for row in rows:
+        query, target = by_key[row.pop("query_scene")], by_key[row.pop("target_scene")]
+        row["instruction"] = template_instruction(ImageText(alt=target.describe()), tokenizer,
+                                                  ImageText(alt=query.describe()))
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=600)
@@ -101,6 +118,8 @@ def main() -> None:
                         help="share of the pages that are variant galleries instead of category pages")
     parser.add_argument("--true-instructions", action="store_true",
                         help="also train on the mined pairs with the world's own instructions")
+    parser.add_argument("--template-truth", action="store_true",
+                        help="also train on the world's own pairs with the template's instructions")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (training needs "
                                                             "--workers + 2)")
     args = parser.parse_args()
@@ -129,6 +148,10 @@ def main() -> None:
             if args.true_instructions:
                 oracle = _write_true_instructions(pairs, folder / "mined_true_instructions.parquet")
                 results["mined_pairs_true_instructions"] = _train(_config(oracle, "oracle", folder, bench, args))
+            if args.template_truth:
+                templated = _write_template_truth(truth, folder / "truth_template_instructions.parquet")
+                results["true_pairs_template_instructions"] = _train(_config(templated, "templated", folder, bench,
+                                                                             args))
         finally:
             ray.shutdown()
     best_mined, best_truth = results["mined"]["best"]["recall@1"], results["ground_truth"]["best"]["recall@1"]
