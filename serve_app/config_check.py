@@ -118,14 +118,18 @@ def minimum_cpus(data: dict[str, Any]) -> float:
 
 
 def cluster_cpus() -> float:
-    """CPUs of the cluster at `RAY_ADDRESS`, else of this machine (what a local `serve run` starts with)."""
+    """The most CPUs the cluster at `RAY_ADDRESS` can have (its autoscaler's upper bound when it has one, so
+    a cluster that scales from zero workers is not refused), else this machine's cores (what a local
+    `serve run` starts with)."""
     if not os.environ.get("RAY_ADDRESS"):
         return float(os.cpu_count() or 1)
     import ray
 
+    from jobs.common import cluster_capacity
+
     ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
     try:
-        return ray.cluster_resources().get("CPU", 0.0)
+        return cluster_capacity()["CPU"]
     finally:
         ray.shutdown()
 
@@ -139,8 +143,8 @@ def deployment_problems(data: dict[str, Any], cpus: float) -> list[str]:
             problems += [f"applications[{index}].args.{problem}" for problem in config.missing_sources()]
     needed = minimum_cpus(data)
     if needed > cpus:
-        problems.append(f"the replicas reserve {needed:g} CPUs at their fewest and the cluster has {cpus:g}: "
-                        "lower ray_actor_options.num_cpus or the replica counts")
+        problems.append(f"the replicas reserve {needed:g} CPUs at their fewest and the cluster can have at most "
+                        f"{cpus:g}: lower ray_actor_options.num_cpus or the replica counts")
     return problems
 
 
