@@ -9,7 +9,8 @@ exact search, on N clustered unit vectors, with and without a metadata filter th
 Writes the table through `magiclens_core.search.store` (as the indexing job does: a `shard` column, row % 10,
 is carried as metadata), builds and tunes its IVF_HNSW_SQ index with `index_policy` (kept when `--db` already
 holds a table of N rows with tuned parameters), then times single queries of held-out vectors from the same
-distribution, one query through every path before the next (interleaved), without and with `shard = 3`:
+distribution, the paths taking turns, each on a different query in a turn (interleaved: no path finds the CPU
+caches warmed by another's walk of the same query), without and with `shard = 3`:
 
 - `ours`: `ImageTable.search` with the stored parameters; `ours_memory`: the same table opened with
   `memory_index="faiss"` (build seconds: building its graph from the table);
@@ -206,19 +207,22 @@ def tuned_ef(maker: Callable[[int], Query], queries: np.ndarray, truth: list[np.
 
 
 def interleaved(paths: dict[str, Query], queries: np.ndarray, mask: np.ndarray | None) -> dict[str, tuple]:
-    """Each path's ids and latencies, every path run on one query before the next query, in an order that
-    rotates from query to query: the first path to walk a query's neighbourhood finds the CPU caches colder, so
-    no path may always be first."""
-    found: dict[str, list] = {name: [] for name in paths}
+    """Each path's ids and latencies (ids in query order), the paths taking turns, one query each a turn, in an
+    order that rotates from turn to turn. In a turn every path runs a different query (path j is j/len(paths)
+    of the queries ahead), so no path walks a neighbourhood that another path's walk of the same query has just
+    brought into the CPU caches: paths over one graph (faiss at two efs) would otherwise warm each other, while a
+    graph of its own (ours) always starts cold."""
+    count, names = len(queries), list(paths)
+    found: dict[str, list] = {name: [None] * count for name in paths}
     seconds: dict[str, list] = {name: [] for name in paths}
-    names = list(paths)
-    for turn, vector in enumerate(queries):
+    for turn in range(count):
         for name in names[turn % len(names):] + names[:turn % len(names)]:
+            position = (turn + names.index(name) * count // len(names)) % count
             query = paths[name]
             start = time.perf_counter()
-            result = query(vector, mask)
+            result = query(queries[position], mask)
             seconds[name].append(time.perf_counter() - start)
-            found[name].append(result)
+            found[name][position] = result
     return {name: (found[name], seconds[name]) for name in paths}
 
 
