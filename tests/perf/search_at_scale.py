@@ -213,11 +213,12 @@ def interleaved(paths: dict[str, Query], queries: np.ndarray, mask: np.ndarray |
     brought into the CPU caches: paths over one graph (faiss at two efs) would otherwise warm each other, while a
     graph of its own (ours) always starts cold."""
     count, names = len(queries), list(paths)
+    ahead = {name: index * count // len(names) for index, name in enumerate(names)}
     found: dict[str, list] = {name: [None] * count for name in paths}
     seconds: dict[str, list] = {name: [] for name in paths}
     for turn in range(count):
         for name in names[turn % len(names):] + names[:turn % len(names)]:
-            position = (turn + names.index(name) * count // len(names)) % count
+            position = (turn + ahead[name]) % count
             query = paths[name]
             start = time.perf_counter()
             result = query(queries[position], mask)
