@@ -70,7 +70,7 @@ class IndexConfig(EmbedOptions):
     index_partitions: int | None = field(default=None, metadata={"help": "IVF partitions (default: by size)"})
     index_sub_vectors: int | None = field(default=None, metadata={"help": "PQ sub-vectors (default: dim/4)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 the tuned search must reach"})
-    tune_queries: int = field(default=100, metadata={"help": "sample rows used as queries when tuning"})
+    tune_queries: int = field(default=100, metadata={"help": "queries when tuning the search index"})
 
     def __post_init__(self) -> None:
         self.index = IndexKind(self.index)  # from a config file it is text; a bad value stops the job here

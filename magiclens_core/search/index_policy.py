@@ -15,9 +15,9 @@ kind asked for:
     K            K                  nothing changed                        nothing
 
 Before deciding, rows added by the run are folded into the existing indexes and small appends compacted.
-Tuning measures recall@10 against exact search with sample rows of the table as queries (each one's own
-row left out) and stores the cheapest parameters that reach the target recall (the best found when none
-does) with the column, where every reader of the table finds them.
+Tuning measures recall@10 against exact search on vectors the index does not hold, as a user's query is
+(`tuning_queries`), and stores the cheapest parameters that reach the target recall (the best found when
+none does) with the column, where every reader of the table finds them.
 """
 
 from __future__ import annotations
@@ -60,23 +60,21 @@ def use_exact_search(table: ImageTable, column: str = VECTOR) -> SearchParams:
 
 def tune(table: ImageTable, target_recall: float = 0.95, column: str = VECTOR, queries: int = 100, k: int = 10,
          build: dict[str, Any] | None = None, seed: int = 0) -> SearchParams:
-    """Measure recall@k of the column's index against exact search, with sample rows as queries (each row
-    itself left out), and store the cheapest search parameters that reach `target_recall` (the best found
-    when none does)."""
+    """Measure recall@k of the column's index against exact search on `tuning_queries`, and store the cheapest
+    search parameters that reach `target_recall` (the best found when none does)."""
     kind = table.index_kind(column)
     if kind is None:
         raise ValueError(f"column {column!r} has no vector index to tune")
     rows = table.count()
-    sample_ids, sample = table.sample(queries, column, seed)
-    truth = [_without(row, own, k) for row, own in
-             zip(table.exact_neighbors(sample, k + 1, column), sample_ids, strict=True)]
+    sample = tuning_queries(table, queries, column, seed)
+    truth = table.exact_neighbors(sample, k, column)
     chosen: SearchParams | None = None
     best: SearchParams | None = None
     for group in _candidates(kind, (build or {}).get("num_partitions", 1)):
         for candidate in group:  # increasing cost: stop at the first that reaches the target
             measured = _measure(table, SearchParams(
                 index_type=kind.value, target_recall=target_recall, queries=len(sample), indexed_rows=rows,
-                build=build or {}, **candidate), sample_ids, sample, truth, k, column)
+                build=build or {}, **candidate), sample, truth, k, column)
             if best is None or (measured.recall_at_10 or 0) > (best.recall_at_10 or 0):
                 best = measured
             if (measured.recall_at_10 or 0) >= target_recall:
@@ -133,23 +131,35 @@ def _wanted(kind: IndexKind, current: IndexKind | None, rows: int, min_rows: int
     return kind
 
 
-def _measure(table: ImageTable, params: SearchParams, sample_ids: list[str], sample: np.ndarray,
-             truth: list[list[str]], k: int, column: str) -> SearchParams:
-    """Recall@k (the query row itself left out of both lists) and median latency of `params`."""
+def tuning_queries(table: ImageTable, count: int, column: str = VECTOR, seed: int = 0) -> np.ndarray:
+    """`count` unit vectors like a user's query, which the index does not hold: sample rows, each turned in a
+    random direction by the median angle between a sample row and its nearest other row. Rows themselves
+    overstate recall, as their graph nodes already link their neighbours. Measured with IVF_HNSW_SQ on
+    clustered 512-d rows, against new vectors from the same clusters: at 20k rows, tuning on rows picked
+    ef 64 (new vectors: recall 0.87), on these ef 128 (0.953); at 200k, rows picked ef 64 (0.90), these
+    ef 256 (0.988, where 128 would do: 6.1 ms a query instead of 5.1), an error on the safe side."""
+    _, rows = table.sample(count, column, seed)
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    nearest_other = table.exact_nearest(rows, 2, column)[1][:, -1]  # [:, 0] is the row itself
+    angle = float(np.median(np.arccos(np.clip(nearest_other, -1.0, 1.0))))
+    away = np.random.default_rng(seed).standard_normal(rows.shape)
+    away -= np.sum(away * rows, axis=1, keepdims=True) * rows  # orthogonal to each row
+    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    return (np.cos(angle) * rows + np.sin(angle) * away).astype(np.float32)
+
+
+def _measure(table: ImageTable, params: SearchParams, queries: np.ndarray, truth: np.ndarray, k: int,
+             column: str) -> SearchParams:
+    """Recall@k and median latency of `params` on `queries`, against their exact neighbours `truth`."""
     latencies, hits = [], 0
-    for own, vector, expected in zip(sample_ids, sample, truth, strict=True):
+    for vector, expected in zip(queries, truth, strict=True):
         start = time.perf_counter()
-        found = table.search(vector, k + 1, column=column, select=["id"], params=params).column("id")
+        found = table.search(vector, k, column=column, select=["id"], params=params).column("id")
         latencies.append(time.perf_counter() - start)
-        hits += len(set(_without(found.to_pylist(), own, k)) & set(expected))
-    params.recall_at_10 = round(hits / (k * len(sample)), 4)
+        hits += len(set(found.to_pylist()) & set(expected))
+    params.recall_at_10 = round(hits / (k * len(queries)), 4)
     params.p50_ms = round(1000 * float(np.median(latencies)), 3)
     return params
-
-
-def _without(ids: Any, own: str, k: int) -> list[str]:
-    """The first k ids other than `own` (a query row's neighbours, itself excluded)."""
-    return [i for i in list(ids) if i != own][:k]
 
 
 def _pq_sub_vectors(dim: int) -> int:

@@ -112,7 +112,7 @@ class SearchParams:
     """How to search one vector column: the index it has and the tuned query parameters.
 
     `index_type` None means exact (flat) search. `recall_at_10` is the recall measured against exact
-    search on `queries` sample rows of the table when the parameters were tuned.
+    search on `queries` tuning queries (`index_policy.tuning_queries`) when the parameters were tuned.
     """
 
     index_type: str | None = None
@@ -420,6 +420,12 @@ class ImageTable:
     def exact_neighbors(self, queries: np.ndarray, k: int = 10, column: str = VECTOR,
                         batch_rows: int = 65_536) -> np.ndarray:
         """Ids [Q, k] of the exact cosine nearest neighbours, by one streaming pass over the table."""
+        return self.exact_nearest(queries, k, column, batch_rows)[0]
+
+    def exact_nearest(self, queries: np.ndarray, k: int = 10, column: str = VECTOR,
+                      batch_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and cosine similarities [Q, k] of the exact nearest neighbours, best first, by one streaming
+        pass over the table."""
         queries = _unit_rows(np.asarray(queries, dtype=np.float32))
         best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
         best_ids = np.empty((len(queries), 0), dtype=object)
@@ -432,7 +438,7 @@ class ImageTable:
             best_scores = np.take_along_axis(scores, keep, axis=1)
             best_ids = np.take_along_axis(candidates, keep, axis=1)
         order = np.argsort(-best_scores, axis=1)
-        return np.take_along_axis(best_ids, order, axis=1)
+        return np.take_along_axis(best_ids, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
     # ------------------------------------------------------------------ index
 
