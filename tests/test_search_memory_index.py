@@ -131,17 +131,46 @@ def test_an_unknown_memory_index_is_refused(tmp_path):
         ImageTable.open(str(tmp_path / "db"), "pool", memory_index="annoy")
 
 
-def test_the_tuned_breadth_reaches_the_target_on_vectors_the_table_does_not_hold(tmp_path):
-    """ef is tuned on the version's last rows before they join the graph, so it holds for new queries."""
+@pytest.mark.parametrize("grown", [False, True], ids=["built", "grown_by_appends"])
+def test_the_tuned_breadth_reaches_the_target_on_vectors_the_table_does_not_hold(tmp_path, grown):
+    """ef is tuned on the newest rows before they join the graph, so it holds for new queries; a graph of
+    few rows is scanned, and tuned again once appends have doubled it."""
     rows, dim = 20_000, 32
-    colour_table(tmp_path, rows, dim)
-    version = TableVersion(lance.dataset(str(tmp_path / "db" / "pool.lance")))
+    table = colour_table(tmp_path, 400 if grown else rows, dim)
     graph = MemoryIndex("vector", target_recall=0.9)
-    graph.follow(version)
-    assert graph.rows == rows and graph.recall_at_k >= 0.9 and graph.ef < 512  # tuned, not the fallback
+    graph.follow(TableVersion(lance.dataset(table.uri)))
+    if grown:
+        assert graph.ef is None and graph.recall_at_k == 1.0  # 400 rows: a scan reads no more than a walk
+        colour_table(tmp_path, rows - 400, dim, first=400, table=table)
+        assert graph.follow(TableVersion(lance.dataset(table.uri))) == "appended"
+    version = TableVersion(lance.dataset(table.uri))
+    assert graph.version == version.version and graph.rows == rows
+    assert graph.ef is not None and graph.ef * graph.m < rows and graph.recall_at_k >= 0.9  # a tuned walk
     matrix = np.concatenate(list(version.unit_vectors("vector")))  # in the table's scan order, as positions are
     hits = 0
     for query in clustered(300, dim, seed=77):  # not rows of the table
         found = graph.search(query[None], 10).positions
         hits += len(set(found) & set(np.argsort(-(matrix @ query))[:10]))
     assert hits / 3000 >= 0.87  # the target, less the sampling error of 100 tuning queries
+
+
+def test_a_table_no_cheap_walk_searches_well_is_scanned_exactly(tmp_path):
+    """Uniform vectors: no ef with ef x M under the rows reaches the target, so the graph is scanned,
+    with and without a filter (one the exact fallback for few kept rows does not take)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 512))  # no clusters, many dimensions: the hardest case for a graph
+    table = ImageTable.create(str(tmp_path / "db"), "pool", image_schema(512, metadata=pa.schema([
+        pa.field("colour", pa.string())])))
+    table.add({"id": [f"i{n}" for n in range(3000)], "vector": vectors / np.linalg.norm(vectors, axis=1)[:, None],
+               "colour": [COLOURS[n % len(COLOURS)] for n in range(3000)]})
+    version = TableVersion(lance.dataset(table.uri))
+    graph = MemoryIndex("vector", exact_rows=0)
+    graph.follow(version)
+    assert graph.ef is None and graph.recall_at_k == 1.0
+    matrix = np.concatenate(list(version.unit_vectors("vector")))
+    keep = version.keeps("colour = 'red'")
+    for query in rng.standard_normal((10, 512)).astype(np.float32):
+        query /= np.linalg.norm(query)
+        assert list(graph.search(query[None], 10).positions) == list(np.argsort(-(matrix @ query))[:10])
+        kept = graph.search(query[None], 10, "colour = 'red'").positions
+        assert list(kept) == list(np.argsort(-np.where(keep, matrix @ query, -np.inf))[:10])

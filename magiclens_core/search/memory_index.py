@@ -6,10 +6,13 @@ that version with the positions, from which the caller reads the rows. `follow(v
 another version: when the ids of the rows it holds are still the first rows of that version (rows appended,
 or appends compacted), only the rows after them are added; any other change (deleted or rewritten rows)
 builds the graph anew. The graph is faiss's `IndexHNSWFlat`; its search breadth `ef` is tuned when it is
-built, by recall@k against exact search, with the version's last rows as queries while they are not yet in
-the graph (they are added after): the smallest ef that reaches the target on vectors the graph does not hold,
-as a user's query is. Rows of the graph as queries would understate it (200k clustered rows: ef 48 reaches
-0.95 on rows, 96 on new vectors; at 1M, 48 on both).
+built, and again each time appends have doubled its rows, by recall@k against exact search, with the
+newest rows as queries while they are not yet in the graph (they are added after): the smallest ef that
+reaches the target on vectors the graph does not hold, as a user's query is. Rows of the graph as queries
+would understate it (200k clustered rows: ef 48 reaches 0.95 on rows, 96 on new vectors; at 1M, 48 on
+both). Where the ef that reaches the target would walk about as many vectors as the graph holds (ef x M >=
+rows: small or hard tables), the graph is scanned instead, which is as fast there and exact (20k clustered
+rows: faiss needs ef 768 for 0.95, 2.0 ms, as long as a scan; ef 512 gave 0.93).
 
 A filter is a predicate the table version evaluates over its rows (so it means what it means on the table),
 cached per version as a bitmap. When it keeps few rows they are searched exactly, else the graph is searched
@@ -27,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-EF_STEPS = (16, 24, 32, 48, 64, 80, 96, 128, 192, 256, 384, 512)
+EF_STEPS = (16, 24, 32, 48, 64, 80, 96, 128, 192, 256, 384, 512)  # then x1.5 until a scan is as cheap
 EXACT_ROWS = 2_000  # by default, a filter keeping at most this many rows is searched exactly
 MAX_EF_WIDENING = 4.0  # ef under a filter: at most this many times the tuned one
 CACHED_FILTERS = 32
@@ -90,8 +93,9 @@ class MemoryIndex:
         self.target_recall = target_recall
         self.tune_queries = tune_queries
         self.k = k
-        self.ef = EF_STEPS[0]
+        self.ef: int | None = None  # the tuned breadth; None: scan the vectors (exact)
         self.recall_at_k: float | None = None
+        self._tuned_rows = 0
         self._faiss = _faiss()
         self._index: Any = None
         self._table: TableVersion | None = None
@@ -119,14 +123,21 @@ class MemoryIndex:
             held = len(self._ids)
             if self._index is not None and len(ids) >= held and np.array_equal(ids[:held], self._ids):
                 batches = list(table.unit_vectors(self.column, held))
+                retune = self.tune_queries > 0 and len(ids) >= 2 * self._tuned_rows and len(ids) > held
+                head, tail = _split_last(batches, self.tune_queries) if retune else (batches, None)
                 with self._lock:
-                    for vectors in batches:
+                    for vectors in head:
                         self._index.add(vectors)
+                    if tail is not None:  # tuned on the newest rows before they join the graph
+                        self.ef, self.recall_at_k = self._tune(self._index, tail)
+                        self._index.add(tail)
+                        self._tuned_rows = len(ids)
                     self._moved(table, ids)
                 return "appended"
             index, ef, recall = self._build(table, len(ids))
             with self._lock:
                 self._index, self.ef, self.recall_at_k = index, ef, recall
+                self._tuned_rows = len(ids)
                 self._moved(table, ids)
             return "built"
 
@@ -134,7 +145,7 @@ class MemoryIndex:
         self._table, self._ids = table, ids
         self._masks.clear()
 
-    def _build(self, table: TableVersion, rows: int) -> tuple[Any, int, float | None]:
+    def _build(self, table: TableVersion, rows: int) -> tuple[Any, int | None, float | None]:
         """A new graph of the version's vectors, with its ef tuned on its last rows before they join it, and
         the recall that ef reached."""
         index, held = None, []
@@ -150,26 +161,27 @@ class MemoryIndex:
                 held.append(vectors[cut:].copy())
             position += len(vectors)
         if index is None:  # no rows: the dimension comes with the first rows appended
-            return None, EF_STEPS[0], None
+            return None, None, None
         queries = np.concatenate(held) if held else np.empty((0, index.d), dtype=np.float32)
         ef, recall = self._tune(index, queries)
         index.add(queries)
         return index, ef, recall
 
-    def _tune(self, index: Any, queries: np.ndarray) -> tuple[int, float | None]:
-        """The smallest ef whose recall@k for `queries` (vectors the graph does not hold) reaches the target, or
-        the largest tried when none does. A graph of few rows is not tuned: it gets the largest ef, which
-        costs little there and searches it all."""
-        if index.ntotal < 10 * self.k or not len(queries):
-            return EF_STEPS[-1], None
-        truth = index.storage.search(queries, self.k)[1]
-        recall = 0.0
-        for ef in EF_STEPS:
+    def _tune(self, index: Any, queries: np.ndarray) -> tuple[int | None, float | None]:
+        """The smallest ef whose recall@k for `queries` (vectors the graph does not hold) reaches the target,
+        and that recall; (None, 1.0), a scan, once ef x M reaches the graph's rows, where a walk reads about
+        as many vectors as a scan does. Without queries, the largest ef of `EF_STEPS` (recall unknown)."""
+        truth = index.storage.search(queries, self.k)[1] if len(queries) else None
+        for ef in _breadths():
+            if ef * self.m >= index.ntotal:
+                return None, 1.0
+            if truth is None:
+                return EF_STEPS[-1], None
             found = index.search(queries, self.k, params=self._faiss.SearchParametersHNSW(efSearch=ef))[1]
             recall = _recall(found, truth)
             if recall >= self.target_recall:
                 return ef, recall
-        return EF_STEPS[-1], recall
+        raise AssertionError("unreachable: the breadths grow without bound")
 
     def search(self, query: np.ndarray, k: int, where: str | None = None) -> Found:
         """The k rows nearest the unit vector `query` among those the predicate `where` keeps."""
@@ -182,12 +194,18 @@ class MemoryIndex:
             if self._index is None:
                 return Found(table, np.array([], dtype=np.int64), [], np.array([], dtype=np.float32))
             if where is None:
-                params = faiss.SearchParametersHNSW(efSearch=max(self.ef, k))
-                scores, labels = self._index.search(query, k, params=params)
+                if self.ef is None:
+                    scores, labels = self._index.storage.search(query, k)
+                else:
+                    params = faiss.SearchParametersHNSW(efSearch=max(self.ef, k))
+                    scores, labels = self._index.search(query, k, params=params)
             else:
                 mask = self._mask(table, where)
                 if len(mask.rows) <= self.exact_rows:
                     scores, labels = _exact(self._index.reconstruct_batch(mask.rows), mask.rows, query, k)
+                elif self.ef is None:
+                    params = faiss.SearchParameters(sel=mask.selector)
+                    scores, labels = self._index.storage.search(query, k, params=params)
                 else:  # the walk passes through the rows the filter drops: widen ef as it narrows
                     ef = filtered_ef(self.ef, k, self.rows, len(mask.rows))
                     params = faiss.SearchParametersHNSW(efSearch=ef, sel=mask.selector)
@@ -209,6 +227,28 @@ class MemoryIndex:
         if len(self._masks) > CACHED_FILTERS:
             self._masks.popitem(last=False)
         return mask
+
+
+def _breadths() -> Iterator[int]:
+    """`EF_STEPS`, then ever broader by half."""
+    yield from EF_STEPS
+    ef = EF_STEPS[-1]
+    while True:
+        ef = int(ef * 1.5)
+        yield ef
+
+
+def _split_last(batches: list[np.ndarray], count: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The batches (at least one row in all) without their last `count` rows, and those rows as one array."""
+    head, tail = list(batches), []
+    while head and count > 0:
+        last = head.pop()
+        cut = max(0, len(last) - count)
+        tail.insert(0, last[cut:])
+        if cut:
+            head.append(last[:cut])
+        count -= len(last) - cut
+    return head, np.concatenate(tail)
 
 
 def filtered_ef(ef: int, k: int, rows: int, kept: int) -> int:

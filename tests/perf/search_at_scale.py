@@ -101,7 +101,9 @@ def prepare(db: str, rows: int, dim: int, target_recall: float, lancedb_index: b
 
 def ours_ef(graph: MemoryIndex, mask: np.ndarray | None, k: int = 10) -> int | None:
     """The ef the memory index walks its graph with for this filter (as `MemoryIndex.search` widens it), None
-    when it searches the rows the filter keeps exactly instead."""
+    when it scans instead (the rows the filter keeps, or a graph no cheaper walk searches well)."""
+    if graph.ef is None:
+        return None
     if mask is None:
         return max(graph.ef, k)
     kept = int(mask.sum())
@@ -240,7 +242,7 @@ def main() -> None:
     parser.add_argument("--graphs", nargs="+", default=["faiss"], choices=["faiss", "hnswlib", "usearch"],
                         help="in-memory graph libraries to compare (faiss first: the baseline)")
     parser.add_argument("--lancedb-ef", type=int, default=None,
-                        help="ef of the LanceDB paths (default: the stored tuned one, which is tuned on table rows)")
+                        help="ef of the LanceDB paths (default: the stored tuned one)")
     parser.add_argument("--no-memory-index", action="store_true", help="leave out the `ours_memory` row")
     parser.add_argument("--no-lancedb-index", action="store_true",
                         help="build no LanceDB index and leave out the LanceDB rows (`ours`, `lancedb`, `pylance`): "
