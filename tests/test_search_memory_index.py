@@ -146,12 +146,18 @@ def test_the_tuned_breadth_reaches_the_target_on_vectors_the_table_does_not_hold
     version = TableVersion(lance.dataset(table.uri))
     assert graph.version == version.version and graph.rows == rows
     assert graph.ef is not None and graph.ef * graph.m < rows and graph.recall_at_k >= 0.9  # a tuned walk
+    efs = [graph.breadth(kept) for kept in (rows, rows // 5, rows // 10, rows // 50, 100)]
+    walked = [ef for ef in efs if ef is not None]
+    assert efs[0] == graph.ef and efs[-1] is None and efs[: len(walked)] == walked == sorted(walked), efs
     matrix = np.concatenate(list(version.unit_vectors("vector")))  # in the table's scan order, as positions are
-    hits = 0
+    keep = version.keeps("colour = 'red'")  # a fifth of the rows, more than are gathered and scanned
+    hits = kept_hits = 0
     for query in clustered(300, dim, seed=77):  # not rows of the table
         found = graph.search(query[None], 10).positions
         hits += len(set(found) & set(np.argsort(-(matrix @ query))[:10]))
-    assert hits / 3000 >= 0.87  # the target, less the sampling error of 100 tuning queries
+        found = graph.search(query[None], 10, "colour = 'red'").positions
+        kept_hits += len(set(found) & set(np.argsort(-np.where(keep, matrix @ query, -np.inf))[:10]))
+    assert hits / 3000 >= 0.87 and kept_hits / 3000 >= 0.87  # the target, less the error of 100 tuning queries
 
 
 def test_a_table_no_cheap_walk_searches_well_is_scanned_exactly(tmp_path):

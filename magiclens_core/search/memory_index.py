@@ -15,9 +15,12 @@ rows: small or hard tables), the graph is scanned instead, which is as fast ther
 rows: faiss needs ef 768 for 0.95, 2.0 ms, as long as a scan; ef 512 gave 0.93).
 
 A filter is a predicate the table version evaluates over its rows (so it means what it means on the table),
-cached per version as a bitmap. When it keeps few rows they are searched exactly, else the graph is searched
-for the rows it keeps, with `ef` widened as the filter narrows (`filtered_ef`). Reading the table is the
-caller's, through the `TableVersion` it passes in: this module knows no storage API.
+cached per version as a bitmap. The walk under a filter needs more breadth the fewer rows it keeps (200k
+clustered rows: ef 96 reaches 0.95 unfiltered, 128 with 10% kept, over 512 with 2%), so breadths are tuned
+too, with the same queries, for random filters keeping 20%, 10%, 5% and 2% of the rows; a filter gets the
+breadth of the widest tuned one no wider than it. Where that breadth would walk as many vectors as the
+filter keeps, the kept rows are scanned instead (`breadth`). Reading the table is the caller's, through the
+`TableVersion` it passes in: this module knows no storage API.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 
 EF_STEPS = (16, 24, 32, 48, 64, 80, 96, 128, 192, 256, 384, 512)  # then x1.5 until a scan is as cheap
-EXACT_ROWS = 2_000  # by default, a filter keeping at most this many rows is searched exactly
-MAX_EF_WIDENING = 4.0  # ef under a filter: at most this many times the tuned one
+FILTER_FRACTIONS = (0.2, 0.1, 0.05, 0.02)  # the random filters breadths are tuned for, widest first
+EXACT_ROWS = 2_000  # by default, a filter keeping at most this many rows is scanned (by gathering its rows)
 CACHED_FILTERS = 32
 
 
@@ -72,6 +75,17 @@ class Found:
 
 
 @dataclass(frozen=True)
+class Breadths:
+    """What tuning chose: the walk's ef (None: scan), the recall@k it reached on the tuning queries, and for
+    each of `FILTER_FRACTIONS` (widest first) the ef under a random filter keeping that fraction (None: scan
+    the kept rows; the narrower fractions after a None are not tuned, they scan too)."""
+
+    ef: int | None = None
+    recall_at_k: float | None = None
+    filtered: tuple[tuple[float, int | None], ...] = ()
+
+
+@dataclass(frozen=True)
 class _Mask:
     """The rows of one version a filter keeps: how many, and faiss's selector over their bitmap."""
 
@@ -93,8 +107,7 @@ class MemoryIndex:
         self.target_recall = target_recall
         self.tune_queries = tune_queries
         self.k = k
-        self.ef: int | None = None  # the tuned breadth; None: scan the vectors (exact)
-        self.recall_at_k: float | None = None
+        self.breadths = Breadths()
         self._tuned_rows = 0
         self._faiss = _faiss()
         self._index: Any = None
@@ -114,6 +127,30 @@ class MemoryIndex:
     def rows(self) -> int:
         return len(self._ids)
 
+    @property
+    def ef(self) -> int | None:
+        """The tuned breadth of an unfiltered walk; None: the graph is scanned (exact)."""
+        return self.breadths.ef
+
+    @property
+    def recall_at_k(self) -> float | None:
+        """The recall@k the tuned breadth reached on the tuning queries (1.0 for a scan)."""
+        return self.breadths.recall_at_k
+
+    def breadth(self, kept: int | None = None) -> int | None:
+        """The ef an unfiltered search walks the graph with, or a search under a filter keeping `kept` rows (the
+        breadth tuned for the widest of `FILTER_FRACTIONS` no wider than it); None when it scans instead."""
+        chosen = self.breadths.ef
+        if kept is None or chosen is None:
+            return chosen
+        if kept <= self.exact_rows:
+            return None
+        for fraction, ef in self.breadths.filtered:
+            chosen = ef
+            if fraction * self.rows <= kept:
+                break
+        return chosen
+
     def follow(self, table: TableVersion) -> str:
         """Bring the graph to `table`'s version; returns what it did: `same`, `appended` or `built`."""
         with self._following:
@@ -129,14 +166,14 @@ class MemoryIndex:
                     for vectors in head:
                         self._index.add(vectors)
                     if tail is not None:  # tuned on the newest rows before they join the graph
-                        self.ef, self.recall_at_k = self._tune(self._index, tail)
+                        self.breadths = self._tune(self._index, tail)
                         self._index.add(tail)
                         self._tuned_rows = len(ids)
                     self._moved(table, ids)
                 return "appended"
-            index, ef, recall = self._build(table, len(ids))
+            index, breadths = self._build(table, len(ids))
             with self._lock:
-                self._index, self.ef, self.recall_at_k = index, ef, recall
+                self._index, self.breadths = index, breadths
                 self._tuned_rows = len(ids)
                 self._moved(table, ids)
             return "built"
@@ -145,9 +182,8 @@ class MemoryIndex:
         self._table, self._ids = table, ids
         self._masks.clear()
 
-    def _build(self, table: TableVersion, rows: int) -> tuple[Any, int | None, float | None]:
-        """A new graph of the version's vectors, with its ef tuned on its last rows before they join it, and
-        the recall that ef reached."""
+    def _build(self, table: TableVersion, rows: int) -> tuple[Any, Breadths]:
+        """A new graph of the version's vectors, and its breadths tuned on its last rows before they join it."""
         index, held = None, []
         tuning_from = rows - self.tune_queries
         position = 0
@@ -161,24 +197,46 @@ class MemoryIndex:
                 held.append(vectors[cut:].copy())
             position += len(vectors)
         if index is None:  # no rows: the dimension comes with the first rows appended
-            return None, None, None
+            return None, Breadths()
         queries = np.concatenate(held) if held else np.empty((0, index.d), dtype=np.float32)
-        ef, recall = self._tune(index, queries)
+        breadths = self._tune(index, queries)
         index.add(queries)
-        return index, ef, recall
+        return index, breadths
 
-    def _tune(self, index: Any, queries: np.ndarray) -> tuple[int | None, float | None]:
-        """The smallest ef whose recall@k for `queries` (vectors the graph does not hold) reaches the target,
-        and that recall; (None, 1.0), a scan, once ef x M reaches the graph's rows, where a walk reads about
-        as many vectors as a scan does. Without queries, the largest ef of `EF_STEPS` (recall unknown)."""
-        truth = index.storage.search(queries, self.k)[1] if len(queries) else None
-        for ef in _breadths():
-            if ef * self.m >= index.ntotal:
+    def _tune(self, index: Any, queries: np.ndarray) -> Breadths:
+        """Breadths for `queries` (vectors the graph does not hold): unfiltered, then under random filters
+        keeping each of `FILTER_FRACTIONS` of the rows. Without queries, the largest ef of `EF_STEPS`
+        (recall unknown) for every search."""
+        if not len(queries):
+            return Breadths(None if EF_STEPS[-1] * self.m >= index.ntotal else EF_STEPS[-1], None)
+        faiss = self._faiss
+        ef, recall = self._smallest_ef(index, queries, index.storage.search(queries, self.k)[1], EF_STEPS[0],
+                                       index.ntotal)
+        filtered: list[tuple[float, int | None]] = []
+        keeps = np.random.default_rng(0).random(index.ntotal)
+        for fraction in FILTER_FRACTIONS if ef is not None else ():
+            keep = keeps < fraction
+            bitmap = np.packbits(keep, bitorder="little")
+            selector = faiss.IDSelectorBitmap(bitmap)
+            truth = index.storage.search(queries, self.k, params=faiss.SearchParameters(sel=selector))[1]
+            ef_kept, _ = self._smallest_ef(index, queries, truth, ef, int(keep.sum()), selector)
+            filtered.append((fraction, ef_kept))
+            if ef_kept is None:
+                break
+        return Breadths(ef, recall, tuple(filtered))
+
+    def _smallest_ef(self, index: Any, queries: np.ndarray, truth: np.ndarray, start: int, rows: int,
+                     selector: Any = None) -> tuple[int | None, float]:
+        """The smallest ef from `start` on whose recall@k for `queries` against `truth` (among the `rows` rows
+        `selector` keeps) reaches the target, and that recall; (None, 1.0), a scan, once ef x M reaches `rows`,
+        where a walk reads about as many vectors as a scan does."""
+        for ef in _widening():
+            if ef < start:
+                continue
+            if ef * self.m >= rows:
                 return None, 1.0
-            if truth is None:
-                return EF_STEPS[-1], None
-            found = index.search(queries, self.k, params=self._faiss.SearchParametersHNSW(efSearch=ef))[1]
-            recall = _recall(found, truth)
+            params = self._faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+            recall = _recall(index.search(queries, self.k, params=params)[1], truth)
             if recall >= self.target_recall:
                 return ef, recall
         raise AssertionError("unreachable: the breadths grow without bound")
@@ -193,23 +251,17 @@ class MemoryIndex:
                 raise RuntimeError("the memory index follows no table version yet")
             if self._index is None:
                 return Found(table, np.array([], dtype=np.int64), [], np.array([], dtype=np.float32))
-            if where is None:
-                if self.ef is None:
-                    scores, labels = self._index.storage.search(query, k)
-                else:
-                    params = faiss.SearchParametersHNSW(efSearch=max(self.ef, k))
-                    scores, labels = self._index.search(query, k, params=params)
+            mask = None if where is None else self._mask(table, where)
+            selector = None if mask is None else mask.selector
+            ef = self.breadth(None if mask is None else len(mask.rows))
+            if mask is not None and len(mask.rows) <= self.exact_rows:
+                scores, labels = _exact(self._index.reconstruct_batch(mask.rows), mask.rows, query, k)
+            elif ef is None:
+                params = faiss.SearchParameters(sel=selector)
+                scores, labels = self._index.storage.search(query, k, params=params)
             else:
-                mask = self._mask(table, where)
-                if len(mask.rows) <= self.exact_rows:
-                    scores, labels = _exact(self._index.reconstruct_batch(mask.rows), mask.rows, query, k)
-                elif self.ef is None:
-                    params = faiss.SearchParameters(sel=mask.selector)
-                    scores, labels = self._index.storage.search(query, k, params=params)
-                else:  # the walk passes through the rows the filter drops: widen ef as it narrows
-                    ef = filtered_ef(self.ef, k, self.rows, len(mask.rows))
-                    params = faiss.SearchParametersHNSW(efSearch=ef, sel=mask.selector)
-                    scores, labels = self._index.search(query, k, params=params)
+                params = faiss.SearchParametersHNSW(efSearch=max(ef, k), sel=selector)
+                scores, labels = self._index.search(query, k, params=params)
             positions = labels[0][labels[0] >= 0]
             ids = [value.decode() for value in self._ids[positions]]
         return Found(table, positions, ids, 1.0 - scores[0][: len(positions)])
@@ -229,7 +281,7 @@ class MemoryIndex:
         return mask
 
 
-def _breadths() -> Iterator[int]:
+def _widening() -> Iterator[int]:
     """`EF_STEPS`, then ever broader by half."""
     yield from EF_STEPS
     ef = EF_STEPS[-1]
@@ -249,13 +301,6 @@ def _split_last(batches: list[np.ndarray], count: int) -> tuple[list[np.ndarray]
             head.append(last[:cut])
         count -= len(last) - cut
     return head, np.concatenate(tail)
-
-
-def filtered_ef(ef: int, k: int, rows: int, kept: int) -> int:
-    """The breadth of a graph walk under a filter keeping `kept` of `rows` rows: enough candidates in view to
-    hold k kept ones (k x rows / kept), never under the tuned `ef` (or k), at most `MAX_EF_WIDENING` times it."""
-    ef = max(ef, k)
-    return int(min(MAX_EF_WIDENING * ef, max(ef, k * rows / kept)))
 
 
 def _exact(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
