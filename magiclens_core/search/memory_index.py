@@ -128,6 +128,11 @@ class MemoryIndex:
         return len(self._ids)
 
     @property
+    def graph(self) -> Any:
+        """The faiss index itself, to measure a bare walk (searching it bypasses the filters and the lock)."""
+        return self._index
+
+    @property
     def ef(self) -> int | None:
         """The tuned breadth of an unfiltered walk; None: the graph is scanned (exact)."""
         return self.breadths.ef
