@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray import serve
 
 from magiclens_core import ImageDecodeError
 from magiclens_core.images.pixels import as_float_batch, model_pixels
 from magiclens_core.images.sources import image_bytes_or_path
+from serve_app.batcher import Batcher
 from serve_app.config import AppConfig
 from serve_app.health import WorkerThreads
 from serve_app.live_table import LiveTable
@@ -40,7 +40,7 @@ def rows_to_hits(rows: Any) -> list[dict[str, Any]]:
 
 class QueryEncoder:
     """A replica's model and search: decodes a query image, embeds concurrent (image, instruction) pairs
-    together (`@serve.batch`) and searches the live table with its stored parameters."""
+    together (`serve_app.batcher`) and searches the live table with its stored parameters."""
 
     def __init__(self, config: AppConfig, live: LiveTable, threads: WorkerThreads) -> None:
         if config.torch_threads:
@@ -57,8 +57,7 @@ class QueryEncoder:
         self.embedder = Embedder.load(config.model, device=device, precision=config.precision,
                                       batch_size=config.max_batch_size, preprocess=config.preprocess)
         live.table.check_model(self.embedder.model_id)
-        self.embed.set_max_batch_size(config.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.embed = Batcher(self._embed_batch, config.max_batch_size, config.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
         """What this replica serves: the model, its device and the batching settings."""
@@ -83,7 +82,7 @@ class QueryEncoder:
         runs out of time), with the batch's size; `clock` gets the laps `decode`, `embed` and `search`."""
         pixels = await self._pixels(query.image, query.image_id)
         clock.lap("decode")
-        vector, batch_size = await self.embed(pixels, query.instruction)
+        vector, batch_size = await self.embed((pixels, query.instruction))
         clock.lap("embed")  # the wait for the batch to fill included
         table = await self.live.fresh()
         timeout_s = self.config.search_timeout_s
@@ -97,9 +96,9 @@ class QueryEncoder:
         clock.lap("search")
         return {"results": rows_to_hits(rows), "batch_size": batch_size, "table_version": table.version}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config at start
-    async def embed(self, pixels: list[np.ndarray], instructions: list[str]) -> list[tuple[np.ndarray, int]]:
+    async def _embed_batch(self, queries: list[tuple[np.ndarray, str]]) -> list[tuple[np.ndarray, int]]:
         """Query embeddings of a batch of (model pixels, instruction), each with the batch's size."""
-        batch = as_float_batch(np.stack(pixels))
-        vectors = await self.threads.run(self.embedder.embed_queries, batch, list(instructions))
-        return [(vector, len(pixels)) for vector in vectors]
+        batch = as_float_batch(np.stack([pixels for pixels, _ in queries]))
+        vectors = await self.threads.run_model(self.embedder.embed_queries, batch,
+                                               [instruction for _, instruction in queries])
+        return [(vector, len(queries)) for vector in vectors]

@@ -10,9 +10,11 @@ healthy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 STUCK_AFTER_S = 60.0
@@ -26,10 +28,17 @@ class WorkerThreads:
         self.stuck_after_s = stuck_after_s
         self._running: dict[int, float] = {}  # worker thread → when its call started
         self._lock = threading.Lock()
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def run(self, call: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
         """`call(*args, **kwargs)` on a worker thread."""
         return await asyncio.to_thread(self._timed, call, args, kwargs)
+
+    async def run_model(self, call: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+        """`call(*args, **kwargs)` on the replica's one model thread, which no other work queues for: a batch
+        never waits behind the requests' own checks, decoding and searches for a worker of the shared pool."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model, functools.partial(self._timed, call, args, kwargs))
 
     def _timed(self, call: Callable[..., Result], args: tuple, kwargs: dict[str, Any]) -> Result:
         thread = threading.get_ident()
