@@ -47,6 +47,8 @@ class Batcher(Generic[Item, Result]):
                 continue
             try:
                 results = await self.run([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the batch function answered {len(results)} of {len(batch)} items")
             except Exception as error:  # every call of the batch gets it; the next batch still runs
                 for _, future in batch:
                     if not future.done():

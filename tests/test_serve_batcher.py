@@ -81,3 +81,15 @@ def test_a_call_given_up_before_its_batch_is_left_out():
 
     assert asyncio.run(scenario()) == [0, 4]
     assert model.batches == [[0], [2]]
+
+
+def test_a_batch_function_answering_too_few_items_fails_those_calls_instead_of_leaving_them_waiting():
+    async def loses_one(items: list[int]) -> list[int]:
+        return items[1:]
+
+    async def scenario() -> list:
+        batcher = Batcher(loses_one, max_batch_size=4)
+        return await asyncio.wait_for(arrive(batcher, range(3)), timeout=5)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(result, RuntimeError) and "answered" in str(result) for result in results), results
