@@ -93,6 +93,12 @@ class _Mask:
     bitmap: np.ndarray  # kept alive for the selector, which points into it
     selector: Any
 
+    @classmethod
+    def keeping(cls, keep: np.ndarray, faiss: Any) -> _Mask:
+        """The mask of the rows where `keep` (one bool per row) is true."""
+        bitmap = np.packbits(keep, bitorder="little")
+        return cls(np.flatnonzero(keep), bitmap, faiss.IDSelectorBitmap(bitmap))
+
 
 class MemoryIndex:
     """A faiss HNSW graph (M `m`) of `column` over one version of a table; safe to search from many threads
@@ -211,20 +217,18 @@ class MemoryIndex:
     def _tune(self, index: Any, queries: np.ndarray) -> Breadths:
         """Breadths for `queries` (vectors the graph does not hold): unfiltered, then under random filters
         keeping each of `FILTER_FRACTIONS` of the rows. Without queries, the largest ef of `EF_STEPS`
-        (recall unknown) for every search."""
+        (recall unknown) for every search, or a scan where that walk would read as many vectors."""
         if not len(queries):
-            return Breadths(None if EF_STEPS[-1] * self.m >= index.ntotal else EF_STEPS[-1], None)
+            return Breadths(None, 1.0) if EF_STEPS[-1] * self.m >= index.ntotal else Breadths(EF_STEPS[-1])
         faiss = self._faiss
         ef, recall = self._smallest_ef(index, queries, index.storage.search(queries, self.k)[1], EF_STEPS[0],
                                        index.ntotal)
         filtered: list[tuple[float, int | None]] = []
         keeps = np.random.default_rng(0).random(index.ntotal)
         for fraction in FILTER_FRACTIONS if ef is not None else ():
-            keep = keeps < fraction
-            bitmap = np.packbits(keep, bitorder="little")
-            selector = faiss.IDSelectorBitmap(bitmap)
-            truth = index.storage.search(queries, self.k, params=faiss.SearchParameters(sel=selector))[1]
-            ef_kept, _ = self._smallest_ef(index, queries, truth, ef, int(keep.sum()), selector)
+            mask = _Mask.keeping(keeps < fraction, faiss)
+            truth = index.storage.search(queries, self.k, params=faiss.SearchParameters(sel=mask.selector))[1]
+            ef_kept, _ = self._smallest_ef(index, queries, truth, ef, len(mask.rows), mask.selector)
             filtered.append((fraction, ef_kept))
             if ef_kept is None:
                 break
@@ -277,9 +281,7 @@ class MemoryIndex:
         if mask is not None:
             self._masks.move_to_end(where)
             return mask
-        keep = table.keeps(where)
-        bitmap = np.packbits(keep, bitorder="little")
-        mask = _Mask(np.flatnonzero(keep), bitmap, self._faiss.IDSelectorBitmap(bitmap))
+        mask = _Mask.keeping(table.keeps(where), self._faiss)
         self._masks[where] = mask
         if len(self._masks) > CACHED_FILTERS:
             self._masks.popitem(last=False)
