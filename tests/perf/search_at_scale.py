@@ -192,12 +192,16 @@ def faiss_walk(index: Any, ef: int, ids: np.ndarray) -> Query:
     import faiss
 
     plain = faiss.SearchParametersHNSW(efSearch=ef)
+    filtered: dict[int, tuple] = {}  # per mask, built once as ours is: (mask, bitmap, params) kept alive
 
     def query(vector: np.ndarray, mask: np.ndarray | None) -> list[str]:
         params = plain
         if mask is not None:
-            selector = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
-            params = faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
+            if id(mask) not in filtered:
+                bitmap = np.packbits(mask, bitorder="little")
+                filtered[id(mask)] = (mask, bitmap, faiss.SearchParametersHNSW(
+                    efSearch=ef, sel=faiss.IDSelectorBitmap(bitmap)))
+            params = filtered[id(mask)][2]
         return list(ids[index.search(vector[None], 10, params=params)[1][0]])
     return query
 
