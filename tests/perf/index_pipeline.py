@@ -14,9 +14,11 @@ per-batch overhead shows). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -73,6 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="index_pipeline_"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     torch.manual_seed(0)
     if args.model:
         model_dir = args.model

@@ -32,7 +32,9 @@ Vectors: 1000 cluster centres plus noise with a decaying spectrum (as embeddings
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -267,7 +269,10 @@ def main() -> None:
     parser.add_argument("--db", default=None, help="LanceDB folder, reused when it holds the table (default: temp)")
     args = parser.parse_args()
 
-    table, timings = prepare(args.db or tempfile.mkdtemp(prefix="search_at_scale_"), args.rows, args.dim,
+    if args.db is None:
+        args.db = tempfile.mkdtemp(prefix="search_at_scale_")
+        atexit.register(shutil.rmtree, args.db, ignore_errors=True)
+    table, timings = prepare(args.db, args.rows, args.dim,
                              args.target_recall, lancedb_index=not args.no_lancedb_index)
     params = table.search_params()
     if args.lancedb_ef:
@@ -290,7 +295,7 @@ def main() -> None:
                                         "exact": 0.0}
     if not args.no_memory_index:
         start = time.perf_counter()
-        memory = ImageTable.open(args.db or table.uri.rsplit("/", 1)[0], "pool", memory_index="faiss")
+        memory = ImageTable.open(args.db, "pool", memory_index="faiss")
         build_s["ours_memory"] = round(time.perf_counter() - start, 1)
         graph_index = memory.memory_index
         timings["memory_index"] = {"ef": graph_index.ef, "recall_at_10_on_tuning_queries": graph_index.recall_at_k,

@@ -22,8 +22,10 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -166,6 +168,7 @@ def main() -> None:
     from serve_app.config import AppConfig
 
     root = Path(tempfile.mkdtemp(prefix="serve_bench_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     images = write_images(root / "images", 24)
     model = args.model
     if model is None:
