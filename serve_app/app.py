@@ -29,6 +29,7 @@ from serve_app.config import AppConfig
 from serve_app.encoder import QueryEncoder, image_error
 from serve_app.health import STUCK_AFTER_S, WorkerThreads
 from serve_app.live_table import LiveTable
+from serve_app.proxy_errors import RETRY_AFTER_S
 from serve_app.schemas import (
     ApiError,
     CheckedQuery,
@@ -44,7 +45,6 @@ from serve_app.timing import Stopwatch, server_timing
 PAGE = Path(__file__).parent / "static" / "index.html"
 LISTING_LIMIT = 200
 MAX_OFFSET = 2**63 - 1
-RETRY_AFTER_S = 1
 logger = logging.getLogger("ray.serve")
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve_app.proxy_errors:middlewares"}
-RETRY_AFTER_S = 1
+RETRY_AFTER_S = 1  # every 503 of the API, the application's and the proxy's
 PROXY_TIMEOUT_STATUS = 408  # what Serve's proxy answers past `request_timeout_s`
 logger = logging.getLogger("ray.serve")
 
